@@ -1,0 +1,1 @@
+"""Inference tier (GPU): prepared prompts into vLLM, thinking and answer streamed apart."""

@@ -1,0 +1,1 @@
+"""Preprocessing tier (CPU): images and chats in, prepared prompts out."""
