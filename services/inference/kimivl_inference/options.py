@@ -1,0 +1,65 @@
+"""Command-line options and presets of `kimivl serve inference`.
+
+Kept free of vLLM/torch imports so `--help` is instant and the k8s manifests can be
+checked against it.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Engine settings by GPU memory (the seed's table)."""
+    name: str
+    min_gpu_gb: float
+    max_num_seqs: int
+    gpu_memory_utilization: float
+    swap_space_gb: int
+    max_model_len: int
+
+
+# Largest first: `auto` takes the first row the GPU fits, and falls back down the list.
+PRESETS = (
+    Preset("48gb", 48, 16, 0.95, 8, 131072),
+    Preset("32gb", 32, 8, 0.90, 16, 131072),
+    Preset("24gb", 0, 4, 0.85, 32, 65536),
+)
+PRESETS_BY_NAME = {p.name: p for p in PRESETS}
+
+
+def pick_preset(gpu_memory_gb: float) -> Preset:
+    return next(p for p in PRESETS if gpu_memory_gb >= p.min_gpu_gb)
+
+
+def lower_preset(preset: Preset) -> Preset | None:
+    i = PRESETS.index(preset)
+    return PRESETS[i + 1] if i + 1 < len(PRESETS) else None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50052)
+    p.add_argument("--model", required=True, help="model directory (weights, config, tokenizer)")
+    p.add_argument("--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--preset", choices=["auto", "none", *PRESETS_BY_NAME], default="auto",
+                   help="engine settings by GPU memory: 24gb, 32gb, 48gb (48+ GB), auto (from the GPU; "
+                        "falls back one row if the engine runs out of memory), none (vLLM defaults). "
+                        "Explicit flags below override the preset")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--swap-space", type=float, default=None, help="CPU swap space in GiB (where vLLM has it)")
+    p.add_argument("--limit-mm-per-prompt", type=int, default=256, help="most images per request")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile")
+    p.add_argument("--no-prefix-caching", action="store_true", help="prefix caching is on by default")
+    p.add_argument("--load-format", default="auto", help="vLLM load format (`dummy` for benchmarks)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-message-mb", type=int, default=256, help="largest gRPC message accepted")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM: how long in-flight streams may finish while new ones are refused")
+    p.add_argument("--log-level", default="info")

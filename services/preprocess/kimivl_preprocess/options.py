@@ -1,0 +1,34 @@
+"""Command-line options of `kimivl serve preprocess` (kept free of heavy imports so
+`--help` is instant and the k8s manifests can be checked against it)."""
+from __future__ import annotations
+
+import argparse
+
+MiB = 1 << 20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--model", required=True, help="model directory (tokenizer, chat template, configs)")
+    p.add_argument("--inference-target", default="localhost:50052",
+                   help="gRPC target of the inference tier, e.g. dns:///kimivl-inference:50052 "
+                        "(round_robin over every address it resolves to)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image worker processes (default: the CPUs this process may use; 0 = in-process)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--max-images", type=int, default=256, help="most images per request")
+    p.add_argument("--max-image-bytes", type=int, default=32 * MiB, help="largest encoded image or URL body")
+    p.add_argument("--max-image-pixels", type=int, default=178_956_970, help="largest decoded image (w*h)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length for prompt checks (default: the model config's)")
+    p.add_argument("--max-message-mb", type=int, default=256, help="largest gRPC message in or out")
+    p.add_argument("--wire-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="dtype of patch tensors sent to the inference tier")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let image URLs reach private, loopback and link-local addresses")
+    p.add_argument("--url-timeout-s", type=float, default=10.0)
+    p.add_argument("--url-max-redirects", type=int, default=3)
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM: how long in-flight RPCs may finish while new ones are refused")
+    p.add_argument("--log-level", default="info")

@@ -1,0 +1,105 @@
+"""The preprocessing pipeline: a chat in, a PreparedPrompt out.
+
+Image fetching and processing run concurrently (the image pool uses every core it is
+given); the prompt is rendered and tokenized meanwhile in a thread, so the event loop
+only stitches results together.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from kimivl.limits import RequestError
+from kimivl.prepared import PromptLimits, check_prepared_prompt
+from kimivl.v1 import types_pb2
+
+from .codec import prepared_image, tensor_content_hash
+from .image import ImageError, ProcessorConfig
+from .pool import ImagePool
+from .prompt import PromptBuilder, messages_from_proto, raw_prompt_images
+from .sources import ImageFetcher
+
+
+@dataclass
+class Prepared:
+    prompt: types_pb2.PreparedPrompt
+    prompt_text: str
+    image_tokens: int
+    preprocess_ms: float
+
+
+class Preprocessor:
+    def __init__(self, model_dir: str, pool: ImagePool, fetcher: ImageFetcher, *, max_images: int = 256,
+                 max_model_len: int | None = None, max_tensor_bytes: int = 1 << 30):
+        self.builder = PromptBuilder(model_dir)
+        self.config = ProcessorConfig.from_model_dir(model_dir)
+        self.pool = pool
+        self.fetcher = fetcher
+        self.max_images = max_images
+        self.max_model_len = max_model_len or self.builder.max_model_len or 131072
+        self.max_tensor_bytes = max_tensor_bytes
+        self.limits = PromptLimits(
+            pad_id=self.builder.pad_id, vocab_size=len(self.builder.tokenizer), max_images=max_images,
+            max_model_len=self.max_model_len, merge=tuple(self.config.merge_kernel_size),
+            max_grid_side=self.config.max_grid_side)
+
+    async def prepare(self, request, dtype: str = "bfloat16") -> Prepared:
+        """``request`` is a ChatRequest or PreprocessRequest (same ``input`` oneof)."""
+        t0 = time.perf_counter()
+        kind = request.WhichOneof("input")
+        if kind == "conversation":
+            messages, images = messages_from_proto(request.conversation)
+            render = lambda: self.builder.render_chat(messages)  # noqa: E731
+            chat = True
+        elif kind == "raw_prompt":
+            images = raw_prompt_images(request.raw_prompt)
+            render = lambda: self.builder.render_raw(request.raw_prompt.text)  # noqa: E731
+            chat = False
+        elif kind == "prepared_prompt":
+            return self._take_prepared(request.prepared_prompt, t0)
+        else:
+            raise RequestError("input is not set; give conversation or raw_prompt")
+        if len(images) > self.max_images:
+            raise RequestError(f"the request has {len(images)} images; the limit is {self.max_images}",
+                               resource_exhausted=True)
+
+        def text_and_ids():
+            text = render()
+            return text, self.builder.tokenize(text, chat=chat)
+
+        tokenized = asyncio.create_task(asyncio.to_thread(text_and_ids))
+        processed = asyncio.gather(*(self._image(field, img, dtype) for field, img in images))
+        try:
+            processed = await processed
+        except BaseException:
+            tokenized.cancel()
+            raise
+        text, ids = await tokenized
+        expanded = self.builder.expand(ids, [p.num_tokens for p in processed])
+        n = len(expanded.token_ids)
+        if n >= self.max_model_len:
+            raise RequestError(f"the prompt is {n} tokens (images included); the model's context is "
+                               f"{self.max_model_len} and at least one token must be left to generate")
+        total = sum(p.pixel_values.nbytes for p in processed)
+        if total > self.max_tensor_bytes:
+            raise RequestError(f"the images make {total} bytes of tensors; the limit is {self.max_tensor_bytes}",
+                               resource_exhausted=True)
+        prompt = types_pb2.PreparedPrompt(
+            token_ids=expanded.token_ids,
+            images=[prepared_image(p, dtype, off, length)
+                    for p, (off, length) in zip(processed, expanded.placeholders, strict=True)])
+        return Prepared(prompt, text, sum(p.num_tokens for p in processed), (time.perf_counter() - t0) * 1e3)
+
+    async def _image(self, field: str, image, dtype: str):
+        data = await self.fetcher.fetch(image, field)
+        try:
+            return await self.pool.process(data, dtype)
+        except ImageError as e:
+            raise RequestError(f"{field}: {e}", resource_exhausted=e.too_large) from None
+
+    def _take_prepared(self, prompt, t0: float) -> Prepared:
+        image_tokens = check_prepared_prompt(prompt, self.limits, field="prepared_prompt")
+        for img in prompt.images:
+            img.content_hash = tensor_content_hash(img)
+        return Prepared(prompt, "", image_tokens, (time.perf_counter() - t0) * 1e3)
