@@ -134,6 +134,11 @@ async def serve(args) -> int:
         ("grpc.max_receive_message_length", max_msg),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Clients only re-resolve DNS when a connection ends: cycling connections lets the
+        # front door discover inference pods added by a scale-up. Streams in flight get
+        # the grace period (long generations) to finish.
+        ("grpc.max_connection_age_ms", 5 * 60_000),
+        ("grpc.max_connection_age_grace_ms", 60 * 60_000),
     ])
     servicer = InferenceServicer(max_msg)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(INFERENCE_SERVICE, {

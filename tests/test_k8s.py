@@ -1,0 +1,593 @@
+"""The Kubernetes manifests (k8s/): every overlay renders with kustomize, validates against a
+pinned Kubernetes version's schemas, and agrees with the code: ports, health service names,
+CLI flags, the headless Service and the gRPC target, NetworkPolicy/PDB/HPA selectors,
+Prometheus annotations, drain vs. grace period, security context.
+
+Needs `kubectl` (client with kustomize) on PATH and the project installed in the running
+interpreter's environment (the generated kimivl.v1 stubs and the `kimivl` CLI). No cluster.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+OVERLAYS = ("cpu-dev", "gpu")
+# Schemas of this Kubernetes version (kubernetes-validate ships them; works offline). The
+# oldest minor release the manifests support: HPA autoscaling/v2, PDB
+# unhealthyPodEvictionPolicy and native gRPC probes are all GA by 1.30.
+KUBERNETES_VERSION = "1.30.0"
+
+PREPROCESS = "kimivl-preprocess"
+INFERENCE = "kimivl-inference"
+TIERS = {PREPROCESS: "preprocess", INFERENCE: "inference"}  # Deployment -> CLI subcommand
+CONTAINER = {PREPROCESS: "preprocess", INFERENCE: "inference"}  # Deployment -> container
+
+
+# --------------------------------------------------------------------------- helpers
+def _kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.fail("kubectl is not on PATH: install a kubectl client (1.27+, it bundles "
+                    "kustomize) to render k8s/ overlays", pytrace=False)
+    return path
+
+
+@functools.cache
+def _render(directory: str) -> str:
+    proc = subprocess.run([_kubectl(), "kustomize", str(K8S / directory)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        pytest.fail(f"`kubectl kustomize k8s/{directory}` failed (rc {proc.returncode}):\n"
+                    f"{proc.stderr}", pytrace=False)
+    return proc.stdout
+
+
+def _docs(directory: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(_render(directory)) if d]
+
+
+def _one(docs: list[dict], kind: str, name: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected exactly one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def _all(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _container(deploy: dict) -> dict:
+    name = CONTAINER[deploy["metadata"]["name"]]
+    found = [c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    assert len(found) == 1, f"{deploy['metadata']['name']}: no container named {name!r}"
+    return found[0]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels + matchExpressions) against a label set."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {"In": key in labels and labels[key] in values,
+              "NotIn": key not in labels or labels[key] not in values,
+              "Exists": key in labels,
+              "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _cpu_cores(quantity: str | int | float) -> float:
+    q = str(quantity)
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def _env(docs: list[dict], container: dict) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: envFrom first, then env."""
+    configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in _all(docs, "ConfigMap")}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom") or []:
+        ref = source.get("configMapRef")
+        assert ref, f"{container['name']}: only configMapRef envFrom is understood here"
+        assert ref["name"] in configmaps, f"envFrom ConfigMap {ref['name']} is not rendered"
+        prefix = source.get("prefix", "")
+        env.update({prefix + k: str(v) for k, v in configmaps[ref["name"]].items()})
+    for var in container.get("env") or []:
+        name = var["name"]
+        if "value" in var:
+            env[name] = _expand(str(var["value"]), env)
+            continue
+        source = var["valueFrom"]
+        if "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            assert ref["name"] in configmaps, f"{name}: ConfigMap {ref['name']} is not rendered"
+            env[name] = str(configmaps[ref["name"]][ref["key"]])
+        elif "resourceFieldRef" in source:
+            ref = source["resourceFieldRef"]
+            assert ref.get("containerName", container["name"]) == container["name"]
+            kind, resource = ref["resource"].split(".", 1)
+            value = (container.get("resources") or {}).get(kind, {}).get(resource)
+            assert value is not None, f"{name}: {ref['resource']} is not set on the container"
+            assert resource == "cpu", f"{name}: only cpu resourceFieldRefs are understood here"
+            divisor = _cpu_cores(ref.get("divisor", "1"))
+            env[name] = str(math.ceil(_cpu_cores(value) / divisor))
+        else:
+            env[name] = f"<{next(iter(source))}>"
+    return env
+
+
+_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes $(VAR) expansion in command/args/env: $$ escapes, unknown stays literal."""
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return _VAR.sub(sub, text)
+
+
+def _args(docs: list[dict], deploy: dict) -> tuple[list[str], dict[str, str | None]]:
+    """(positional words, {--flag: value or None}) of the main container, $(VAR)s expanded."""
+    container = _container(deploy)
+    env = _env(docs, container)
+    words = [_expand(str(a), env) for a in (container.get("command") or []) + container["args"]]
+    unresolved = [w for w in words if _VAR.search(w)]
+    assert not unresolved, f"{deploy['metadata']['name']}: unresolved $(VAR)s in args: {unresolved}"
+    positional: list[str] = []
+    flags: dict[str, str | None] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word.startswith("--"):
+            if "=" in word:
+                name, value = word.split("=", 1)
+                flags[name] = value
+            elif i + 1 < len(words) and not words[i + 1].startswith("--"):
+                flags[word] = words[i + 1]
+                i += 1
+            else:
+                flags[word] = None
+        else:
+            positional.append(word)
+        i += 1
+    return positional, flags
+
+
+def _port(container: dict, name: str) -> int:
+    found = [p["containerPort"] for p in container.get("ports") or [] if p.get("name") == name]
+    assert len(found) == 1, f"{container['name']}: expected one containerPort named {name!r}"
+    return found[0]
+
+
+def _kimivl() -> str:
+    exe = Path(sys.executable).with_name("kimivl")
+    path = str(exe) if exe.exists() else shutil.which("kimivl")
+    if path is None:
+        pytest.fail("the `kimivl` CLI is not installed (pip install -e '.[preprocess]')",
+                    pytrace=False)
+    return path
+
+
+@functools.cache
+def _cli_flags(*command: str) -> frozenset[str]:
+    proc = subprocess.run([_kimivl(), *command, "--help"], capture_output=True, text=True,
+                          timeout=60)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"`kimivl {' '.join(command)} --help` failed:\n{text}"
+    flags = frozenset(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", text)) - {"--help"}
+    assert flags, f"`kimivl {' '.join(command)} --help` lists no flags:\n{text!r}"
+    return flags
+
+
+@functools.cache
+def _health_services() -> dict[str, frozenset[str]]:
+    """The grpc.health.v1 service names each tier registers ("" is the overall status)."""
+    from kimivl.v1 import chat_pb2, inference_pb2, preprocess_pb2
+
+    def full(module, service: str) -> str:
+        return module.DESCRIPTOR.services_by_name[service].full_name
+
+    return {
+        PREPROCESS: frozenset({"", full(chat_pb2, "ChatService"),
+                               full(preprocess_pb2, "PreprocessService")}),
+        INFERENCE: frozenset({"", full(inference_pb2, "InferenceService")}),
+    }
+
+
+def _deployments(overlay: str) -> tuple[list[dict], dict[str, dict]]:
+    docs = _docs(f"overlays/{overlay}")
+    return docs, {name: _one(docs, "Deployment", name) for name in TIERS}
+
+
+def _pod_labels(deploy: dict) -> dict:
+    return deploy["spec"]["template"]["metadata"]["labels"]
+
+
+def _mounts(deploy: dict, container: dict) -> list[tuple[str, dict, bool]]:
+    """(mountPath, volume, readOnly) for each of the container's volumeMounts."""
+    volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"].get("volumes") or []}
+    out = []
+    for m in container.get("volumeMounts") or []:
+        assert m["name"] in volumes, f"{container['name']}: no volume {m['name']!r}"
+        out.append((m["mountPath"], volumes[m["name"]], bool(m.get("readOnly"))))
+    return out
+
+
+def _under(path: str, mount_path: str) -> bool:
+    return path == mount_path or path.startswith(mount_path.rstrip("/") + "/")
+
+
+def _mount_for(deploy: dict, container: dict, path: str) -> tuple[str, dict, bool] | None:
+    """The most specific mount that contains `path`."""
+    hits = [m for m in _mounts(deploy, container) if _under(path, m[0])]
+    return max(hits, key=lambda m: len(m[0])) if hits else None
+
+
+# --------------------------------------------------------------------------- render + schema
+@pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
+def test_kustomize_builds(directory):
+    docs = _docs(directory)
+    assert _all(docs, "Deployment"), f"k8s/{directory} renders no Deployment"
+
+
+@pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
+def test_validates_against_kubernetes_schemas(directory):
+    import kubernetes_validate
+
+    errors = []
+    for doc in _docs(directory):
+        what = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            errors.append(f"{what}: {path}: {e.message}")
+        except kubernetes_validate.SchemaNotFoundError as e:
+            errors.append(f"{what}: {e.message}")
+    assert not errors, (f"k8s/{directory} does not validate against Kubernetes "
+                        f"{KUBERNETES_VERSION} (strict):\n" + "\n".join(errors))
+
+
+# --------------------------------------------------------------------------- agreement
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_namespace(overlay):
+    docs = _docs(f"overlays/{overlay}")
+    namespaces = {d["metadata"]["name"] for d in _all(docs, "Namespace")}
+    used = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
+    assert len(used) == 1 and None not in used, f"objects are spread over namespaces {used}"
+    assert used <= namespaces, f"namespace {used} is not created by the overlay"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ports_match_cli_args(overlay):
+    docs, deploys = _deployments(overlay)
+    for name, deploy in deploys.items():
+        positional, flags = _args(docs, deploy)
+        assert positional[:2] == ["serve", TIERS[name]], f"{name}: args start {positional[:2]}"
+        container = _container(deploy)
+        for flag, port_name in (("--port", "grpc"), ("--metrics-port", "metrics")):
+            assert flag in flags, f"{name}: {flag} is not passed"
+            assert int(flags[flag]) == _port(container, port_name), (
+                f"{name}: {flag} {flags[flag]} != containerPort {port_name} "
+                f"{_port(container, port_name)}")
+        # Services forward to the named ports, so they follow the args too.
+        service = _one(docs, "Service", name)
+        assert _selects({"matchLabels": service["spec"]["selector"]}, _pod_labels(deploy))
+        for sp in service["spec"]["ports"]:
+            target = sp.get("targetPort", sp["port"])
+            if isinstance(target, str):
+                target = _port(container, target)
+            assert target in {p["containerPort"] for p in container["ports"]}, (
+                f"Service {name} port {sp['name']} targets {target}, not a containerPort")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_use_registered_health_services(overlay):
+    docs, deploys = _deployments(overlay)
+    registered = _health_services()
+    for name, deploy in deploys.items():
+        container = _container(deploy)
+        _, flags = _args(docs, deploy)
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = container.get(kind)
+            assert probe and "grpc" in probe, f"{name}: no native gRPC {kind}"
+            grpc = probe["grpc"]
+            assert grpc["port"] == int(flags["--port"]), f"{name}: {kind} probes another port"
+            service = grpc.get("service", "")
+            assert service in registered[name], (
+                f"{name}: {kind} asks health for {service!r}; the server registers "
+                f"{sorted(registered[name])}")
+    # Model loading: the inference startupProbe must allow many minutes.
+    startup = _container(deploys[INFERENCE])["startupProbe"]
+    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    assert budget >= 600, f"inference startupProbe allows only {budget} s for model loading"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cli_flags_exist(overlay):
+    """Every --flag the containers pass is one `kimivl serve <tier> --help` lists."""
+    docs, deploys = _deployments(overlay)
+    for name, deploy in deploys.items():
+        _, flags = _args(docs, deploy)
+        known = _cli_flags("serve", TIERS[name])
+        unknown = sorted(set(flags) - known)
+        assert not unknown, (f"{name} passes flags that `kimivl serve {TIERS[name]} --help` "
+                             f"does not list: {unknown}")
+        for init in deploy["spec"]["template"]["spec"].get("initContainers") or []:
+            script = " ".join(init.get("command", []) + init.get("args", []))
+            m = re.search(r"kimivl make-tiny-model((?:\s+--?[\w-]+(?:\s+\w+)?)*)", script)
+            if "make-tiny-model" in script:
+                assert m, f"{name}/{init['name']}: cannot parse {script!r}"
+                used = set(re.findall(r"--[a-z0-9-]+", m.group(1)))
+                unknown = sorted(used - _cli_flags("make-tiny-model"))
+                assert not unknown, f"make-tiny-model has no {unknown}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inference_target_is_headless_service(overlay):
+    docs, deploys = _deployments(overlay)
+    service = _one(docs, "Service", INFERENCE)
+    assert service["spec"].get("clusterIP") == "None", (
+        "the inference Service must be headless (clusterIP: None) so round_robin over DNS "
+        "sees every pod")
+    _, inf_flags = _args(docs, deploys[INFERENCE])
+    _, pre_flags = _args(docs, deploys[PREPROCESS])
+    target = pre_flags.get("--inference-target")
+    assert target and target.startswith("dns:///"), f"--inference-target {target!r} is not dns:///"
+    hostport = urlsplit(target).path.lstrip("/")
+    host, _, port = hostport.rpartition(":")
+    ns = service["metadata"]["namespace"]
+    svc = service["metadata"]["name"]
+    assert host in {f"{svc}.{ns}.svc.cluster.local", f"{svc}.{ns}.svc"}, (
+        f"--inference-target host {host!r} is not the inference Service {svc} in {ns}")
+    # Clients dial pod IPs: the port must be the container's, and the Service's must match.
+    assert int(port) == int(inf_flags["--port"]), (
+        f"--inference-target port {port} != inference --port {inf_flags['--port']}")
+    grpc_ports = [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc_ports == [int(port)], f"headless Service grpc port {grpc_ports} != {port}"
+    # The same model directory (tokenizer) on both tiers.
+    assert pre_flags["--model"] == inf_flags["--model"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tier_limits_agree(overlay):
+    """The front door must not accept what the engine will refuse (server defaults where unset)."""
+    docs, deploys = _deployments(overlay)
+    _, pre = _args(docs, deploys[PREPROCESS])
+    _, inf = _args(docs, deploys[INFERENCE])
+    assert int(pre.get("--max-images") or 256) <= int(inf.get("--limit-mm-per-prompt") or 256), (
+        "preprocess --max-images exceeds inference --limit-mm-per-prompt")
+    if "--max-model-len" in inf:
+        assert pre.get("--max-model-len") == inf["--max-model-len"], (
+            "inference sets --max-model-len; the preprocessing tier must check prompts against it")
+    assert pre.get("--max-message-mb") == inf.get("--max-message-mb")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy(overlay):
+    docs, deploys = _deployments(overlay)
+    inf_labels, pre_labels = _pod_labels(deploys[INFERENCE]), _pod_labels(deploys[PREPROCESS])
+    inf_c, pre_c = _container(deploys[INFERENCE]), _container(deploys[PREPROCESS])
+
+    def allows(rule: dict, container: dict, port_name: str) -> bool:
+        ports = rule.get("ports")
+        if not ports:
+            return True
+        number = _port(container, port_name)
+        return any(p.get("port") in (number, port_name) or
+                   (isinstance(p.get("port"), int) and p["port"] <= number <= p.get("endPort", -1))
+                   for p in ports)
+
+    policies = [p for p in _all(docs, "NetworkPolicy")
+                if _selects(p["spec"]["podSelector"], inf_labels)]
+    assert policies, "no NetworkPolicy selects the inference pods"
+    for p in policies:
+        assert "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    rules = [r for p in policies for r in p["spec"].get("ingress") or []]
+
+    grpc_rules = [r for r in rules if allows(r, inf_c, "grpc")]
+    assert grpc_rules, "no ingress rule lets the preprocessing pods reach the inference gRPC port"
+    for rule in grpc_rules:
+        peers = rule.get("from")
+        assert peers, "an ingress rule opens the inference gRPC port to every source"
+        for peer in peers:
+            assert set(peer) == {"podSelector"}, (
+                f"inference gRPC port reachable from a non-pod or other-namespace peer: {peer}")
+            assert _selects(peer["podSelector"], pre_labels), (
+                f"from-podSelector {peer['podSelector']} does not match the preprocessing pods")
+            assert not _selects(peer["podSelector"], inf_labels), (
+                f"from-podSelector {peer['podSelector']} also matches the inference pods")
+
+    for rule in (r for r in rules if allows(r, inf_c, "metrics")):
+        assert rule.get("from"), "the inference metrics port is open to every source"
+    assert any(allows(r, inf_c, "metrics") for r in rules), "Prometheus cannot scrape inference"
+
+    # The front door must stay reachable if a policy selects the preprocessing pods.
+    pre_policies = [p for p in _all(docs, "NetworkPolicy")
+                    if _selects(p["spec"]["podSelector"], pre_labels)]
+    if pre_policies:
+        pre_rules = [r for p in pre_policies for r in p["spec"].get("ingress") or []]
+        assert any(allows(r, pre_c, "grpc") for r in pre_rules), "preprocess gRPC port blocked"
+        assert any(allows(r, pre_c, "metrics") for r in pre_rules), "Prometheus cannot scrape"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_annotations(overlay):
+    docs, deploys = _deployments(overlay)
+    for name, deploy in deploys.items():
+        annotations = deploy["spec"]["template"]["metadata"].get("annotations") or {}
+        _, flags = _args(docs, deploy)
+        assert annotations.get("prometheus.io/scrape") == "true", name
+        assert annotations.get("prometheus.io/path") == "/metrics", name
+        assert annotations.get("prometheus.io/port") == flags["--metrics-port"], (
+            f"{name}: prometheus.io/port {annotations.get('prometheus.io/port')} != "
+            f"--metrics-port {flags['--metrics-port']}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpa_targets_preprocess(overlay):
+    docs, deploys = _deployments(overlay)
+    hpas = _all(docs, "HorizontalPodAutoscaler")
+    assert len(hpas) == 1, f"expected one HPA, found {len(hpas)}"
+    hpa = hpas[0]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": PREPROCESS}
+    assert 1 <= hpa["spec"].get("minReplicas", 1) <= hpa["spec"]["maxReplicas"]
+    cpu = [m for m in hpa["spec"]["metrics"]
+           if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
+    assert cpu and cpu[0]["resource"]["target"]["type"] == "Utilization"
+    # Utilisation is relative to the request, which must therefore be set.
+    assert _container(deploys[PREPROCESS])["resources"]["requests"]["cpu"]
+    # The HPA owns the replica count; a fixed one would reset it on every apply.
+    assert "replicas" not in deploys[PREPROCESS]["spec"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pdb_selectors(overlay):
+    docs, deploys = _deployments(overlay)
+    covered = set()
+    for pdb in _all(docs, "PodDisruptionBudget"):
+        hits = [n for n, d in deploys.items() if _selects(pdb["spec"]["selector"], _pod_labels(d))]
+        assert len(hits) == 1, f"PDB {pdb['metadata']['name']} selects {hits}"
+        assert pdb["spec"]["selector"] == deploys[hits[0]]["spec"]["selector"]
+        covered.update(hits)
+    assert covered == set(deploys), f"Deployments without a PDB: {set(deploys) - covered}"
+    for name, deploy in deploys.items():
+        assert _selects(deploy["spec"]["selector"], _pod_labels(deploy))
+        labels = _pod_labels(deploy)
+        assert labels.get("app.kubernetes.io/component") == TIERS[name]
+        assert labels.get("app.kubernetes.io/part-of") == "kimivl"
+        assert "app.kubernetes.io/name" in labels
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_drain_fits_grace_period(overlay):
+    docs, deploys = _deployments(overlay)
+    for name, deploy in deploys.items():
+        container = _container(deploy)
+        _, flags = _args(docs, deploy)
+        pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+        m = re.search(r"\bsleep\s+(\d+)", " ".join(pre_stop))
+        assert m, f"{name}: preStop {pre_stop} is not a sleep"
+        grace = deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        drain = float(flags["--drain-timeout-s"])
+        assert grace > drain + int(m.group(1)), (
+            f"{name}: terminationGracePeriodSeconds {grace} <= drain {drain} + preStop {m.group(1)}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_security_context(overlay):
+    _, deploys = _deployments(overlay)
+    for name, deploy in deploys.items():
+        pod = deploy["spec"]["template"]["spec"]
+        psc = pod.get("securityContext") or {}
+        assert psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 10001, name
+        assert (psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", name
+        assert pod.get("automountServiceAccountToken") is False, name
+        for c in pod["containers"] + (pod.get("initContainers") or []):
+            sc = c.get("securityContext") or {}
+            what = f"{name}/{c['name']}"
+            assert sc.get("allowPrivilegeEscalation") is False, what
+            assert sc.get("readOnlyRootFilesystem") is True, what
+            assert (sc.get("capabilities") or {}).get("drop") == ["ALL"], what
+            assert sc.get("runAsUser", 10001) == 10001, what
+            assert sc.get("runAsNonRoot", True) is True, what
+            assert (sc.get("seccompProfile") or {"type": "RuntimeDefault"})["type"] == "RuntimeDefault"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_writable_dirs_and_model(overlay):
+    """Read-only root FS: caches on an emptyDir; the model dir on the model volume."""
+    docs, deploys = _deployments(overlay)
+    cache_vars = {PREPROCESS: ("HOME", "XDG_CACHE_HOME", "HF_HOME", "TMPDIR"),
+                  INFERENCE: ("HOME", "XDG_CACHE_HOME", "HF_HOME", "TMPDIR", "VLLM_CACHE_ROOT",
+                              "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    for name, deploy in deploys.items():
+        container = _container(deploy)
+        env = _env(docs, container)
+        for var in cache_vars[name]:
+            assert var in env, f"{name}: {var} is not set"
+            mount = _mount_for(deploy, container, env[var])
+            assert mount and "emptyDir" in mount[1] and not mount[2], (
+                f"{name}: {var}={env[var]} is not on a writable emptyDir")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            assert env.get(var) == "1", f"{name}: {var} != 1"
+        _, flags = _args(docs, deploy)
+        model = _mount_for(deploy, container, flags["--model"])
+        assert model, f"{name}: --model {flags['--model']} is on no volume"
+        assert model[2], f"{name}: the model volume should be mounted readOnly"
+    inference = _container(deploys[INFERENCE])
+    assert _env(docs, inference).get("VLLM_NO_USAGE_STATS") == "1"
+    shm = _mount_for(deploys[INFERENCE], inference, "/dev/shm")
+    assert shm and shm[0] == "/dev/shm" and shm[1].get("emptyDir", {}).get("medium") == "Memory", (
+        "inference needs /dev/shm as an emptyDir with medium: Memory")
+
+
+def test_cpu_dev_overlay():
+    docs, deploys = _deployments("cpu-dev")
+    assert "nvidia.com/gpu" not in _render("overlays/cpu-dev"), "cpu-dev still mentions GPUs"
+    _, flags = _args(docs, deploys[INFERENCE])
+    assert flags.get("--device") == "cpu" and "--enforce-eager" in flags
+    assert flags["--enforce-eager"] is None, "--enforce-eager is a switch"
+    assert float(_env(docs, _container(deploys[INFERENCE]))["VLLM_CPU_KVCACHE_SPACE"]) > 0
+    assert deploys[INFERENCE]["spec"].get("replicas", 1) == 1
+    hpa = _one(docs, "HorizontalPodAutoscaler", PREPROCESS)
+    assert hpa["spec"]["minReplicas"] == 1
+    for name, deploy in deploys.items():
+        pod = deploy["spec"]["template"]["spec"]
+        assert not pod.get("nodeSelector") and not pod.get("tolerations"), name
+        # The tiny model: made by an initContainer into the emptyDir the server reads.
+        _, flags = _args(docs, deploy)
+        _, volume, _ = _mount_for(deploy, _container(deploy), flags["--model"])
+        assert "emptyDir" in volume, f"{name}: cpu-dev model volume is not an emptyDir"
+        makers = [c for c in pod.get("initContainers") or []
+                  if "make-tiny-model" in " ".join(c.get("command", []) + c.get("args", []))]
+        assert len(makers) == 1, f"{name}: no make-tiny-model initContainer"
+        init = makers[0]
+        init_env = _env(docs, init)
+        script = _expand(" ".join(init.get("command", []) + init.get("args", [])), init_env)
+        script = script.replace('"$MODEL_DIR"', init_env.get("MODEL_DIR", "$MODEL_DIR"))
+        assert flags["--model"] in script, f"{name}: initContainer makes another directory"
+        mount = _mount_for(deploy, init, flags["--model"])
+        assert mount and mount[1]["name"] == volume["name"] and not mount[2], (
+            f"{name}: the initContainer does not write the model volume")
+
+
+def test_gpu_overlay():
+    docs, deploys = _deployments("gpu")
+    inference = _container(deploys[INFERENCE])
+    assert str(inference["resources"]["limits"].get("nvidia.com/gpu")) == "1"
+    assert "nvidia.com/gpu" not in str(_container(deploys[PREPROCESS])["resources"])
+    _, flags = _args(docs, deploys[INFERENCE])
+    assert flags.get("--preset") == "auto"
+    assert "--enforce-eager" not in flags
+    pod = deploys[INFERENCE]["spec"]["template"]["spec"]
+    assert pod.get("nodeSelector"), "GPU pods need a nodeSelector"
+    assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations") or [])
+    for name, deploy in deploys.items():
+        _, flags = _args(docs, deploy)
+        assert flags["--model"] == "/models/Kimi-VL-A3B-Thinking-2506"
+        mount_path, volume, read_only = _mount_for(deploy, _container(deploy), flags["--model"])
+        assert mount_path == flags["--model"] and read_only
+        claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+        assert claim, f"{name}: the model is not on a PersistentVolumeClaim"
+        pvc = _one(docs, "PersistentVolumeClaim", claim)
+        assert pvc["spec"]["accessModes"] == ["ReadOnlyMany"]
+        image = _container(deploy)["image"]
+        assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
