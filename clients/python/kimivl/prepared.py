@@ -26,6 +26,9 @@ class PromptLimits:
     max_model_len: int
     merge: tuple[int, int] = (2, 2)
     max_grid_side: int = 512
+    # Most tokens one image may have: the engine's encoder cache size, which vLLM sizes
+    # as max(max_num_batched_tokens, its own estimate of the largest image).
+    max_image_tokens: int | None = None
 
 
 def check_prepared_prompt(prompt, limits: PromptLimits, field: str = "prompt") -> int:
@@ -69,6 +72,10 @@ def check_prepared_prompt(prompt, limits: PromptLimits, field: str = "prompt") -
         if len(t.data) != expect_bytes:
             raise RequestError(f"{f}.pixel_values.data is {len(t.data)} bytes; shape and dtype need {expect_bytes}")
         tokens = h * w // (mh * mw)
+        if limits.max_image_tokens is not None and tokens > limits.max_image_tokens:
+            raise RequestError(f"{f} has {tokens} image tokens; the engine's encoder cache holds "
+                               f"{limits.max_image_tokens} per image (start the inference tier with a larger "
+                               "--max-num-batched-tokens)", resource_exhausted=True)
         off, length = img.placeholder_offset, img.placeholder_length
         if length != tokens:
             raise RequestError(f"{f}.placeholder_length is {length}; a {h}x{w} grid needs {tokens}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from kimivl.v1 import inference_pb2, types_pb2
@@ -69,27 +70,31 @@ async def generate(engine, engine_input, request, *, max_model_len: int, end_mar
     while True:
         params = sampling_params(sampling, max_tokens - len(generated))
         budget_hit = False
-        async for out in engine.generate(current_input, params, f"{rid}-{attempt}" if attempt else rid):
-            if cached is None:
-                cached = out.num_cached_tokens or 0
-            o = out.outputs[0]
-            now = time.perf_counter()
-            if o.token_ids:
-                if stats.first_token_s is None:
-                    stats.first_token_s = now - t0
-                stats.token_times.append(now)
-                generated.extend(o.token_ids)
-            split = splitter.feed(o.text, len(o.token_ids))
-            unsent_ids.extend(o.token_ids)
-            if split.answer or (show_thinking and split.thinking):
-                yield _delta(split, unsent_ids, show_thinking)
-                unsent_ids = []
-            if o.finish_reason is not None:
-                finish = o.finish_reason
-            elif (budget is not None and splitter.in_thinking and splitter.thinking_tokens >= budget
-                  and len(generated) + len(end_marker_ids) < max_tokens):
-                budget_hit = True
-                break  # leaving the generator aborts the engine request
+        # aclosing: leaving the loop early must close the engine's generator now (which
+        # aborts the engine request), not whenever it is garbage-collected.
+        stream = engine.generate(current_input, params, f"{rid}-{attempt}" if attempt else rid)
+        async with aclosing(stream):
+            async for out in stream:
+                if cached is None:
+                    cached = out.num_cached_tokens or 0
+                o = out.outputs[0]
+                now = time.perf_counter()
+                if o.token_ids:
+                    if stats.first_token_s is None:
+                        stats.first_token_s = now - t0
+                    stats.token_times.append(now)
+                    generated.extend(o.token_ids)
+                split = splitter.feed(o.text, len(o.token_ids))
+                unsent_ids.extend(o.token_ids)
+                if split.answer or (show_thinking and split.thinking):
+                    yield _delta(split, unsent_ids, show_thinking)
+                    unsent_ids = []
+                if o.finish_reason is not None:
+                    finish = o.finish_reason
+                elif (budget is not None and splitter.in_thinking and splitter.thinking_tokens >= budget
+                      and len(generated) + len(end_marker_ids) < max_tokens):
+                    budget_hit = True
+                    break  # leaving the generator aborts the engine request
         if not budget_hit:
             break
         # Close the thinking ourselves and let the model answer.

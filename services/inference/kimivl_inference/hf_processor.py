@@ -42,7 +42,8 @@ class KimiVLImageProcessor(BaseImageProcessor):
     """Kimi-VL image preprocessing: PIL images to MoonViT patches and their grids.
 
     Subclasses ``BaseImageProcessor`` because ``AutoImageProcessor.register`` requires it;
-    the transformers backend pipeline is bypassed by overriding ``preprocess``.
+    the transformers backend pipeline is bypassed by overriding ``preprocess`` (which the
+    inherited ``__call__`` calls).
     """
 
     model_input_names = ["pixel_values", "image_grid_hws"]
@@ -93,8 +94,12 @@ class KimiVLImageProcessor(BaseImageProcessor):
         patches = t.reshape(c, h // p, p, w // p, p).permute(1, 3, 0, 2, 4).reshape(-1, c, p, p)
         return patches, (h // p, w // p)
 
-    def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
-        """Process one image or a (possibly once-nested) list of them, concatenating the patches."""
+    def preprocess(self, images, **kwargs) -> BatchFeature:
+        """Process one image or a (possibly once-nested) list of them, concatenating the patches.
+
+        Returns torch tensors whatever ``return_tensors`` says, as Moonshot's processor does;
+        other transformers image kwargs do not apply and are ignored.
+        """
         if isinstance(images, Image.Image):
             images = [images]
         flat = [im for item in images for im in (item if isinstance(item, (list, tuple)) else [item])]
@@ -113,9 +118,6 @@ class KimiVLImageProcessor(BaseImageProcessor):
             }
         )
 
-    def __call__(self, images, return_tensors=None, **kwargs) -> BatchFeature:
-        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
-
 
 class KimiVLProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": {"padding": False}}
@@ -129,7 +131,9 @@ class KimiVLProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
-        out = self._merge_kwargs(KimiVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        out = self._merge_kwargs(
+            KimiVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         image_inputs: dict = {}
         grids = None
         if images is not None and not (isinstance(images, (list, tuple)) and len(images) == 0):
@@ -173,7 +177,9 @@ def register() -> None:
     vLLM runs general plugins in every process it starts, so this is idempotent, cheap, and
     never raises: without vLLM or with an unexpected transformers API it logs at debug and
     returns. The registration makes ``AutoProcessor`` find ``KimiVLProcessor`` by the
-    ``processor_class`` / ``image_processor_type`` names in ``preprocessor_config.json``.
+    ``processor_class`` / ``image_processor_type`` names in ``preprocessor_config.json``,
+    and ``AutoConfig`` read ``model_type: kimi_vl`` (vLLM itself registers that config
+    class only once it loads a model config).
     Note that transformers prefers an explicitly registered class over a checkpoint's
     ``auto_map`` remote code of the same name, so the real checkpoint is then served by
     these classes too (its own remote tokenizer is still loaded, with
@@ -183,11 +189,14 @@ def register() -> None:
     if _registered:
         return
     try:
-        from transformers import AutoImageProcessor, AutoProcessor
+        from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
         from vllm.transformers_utils.configs.kimi_vl import KimiVLConfig
 
-        AutoImageProcessor.register(KimiVLConfig, image_processor_classes={"pil": KimiVLImageProcessor}, exist_ok=True)
+        AutoImageProcessor.register(
+            KimiVLConfig, image_processor_classes={"pil": KimiVLImageProcessor}, exist_ok=True
+        )
         AutoProcessor.register(KimiVLConfig, KimiVLProcessor, exist_ok=True)
+        AutoConfig.register("kimi_vl", KimiVLConfig, exist_ok=True)  # as vLLM's get_config does
     except Exception as exc:  # a plugin must never take vLLM down
         logger.debug("kimivl: Kimi-VL processor not registered: %r", exc)
         return

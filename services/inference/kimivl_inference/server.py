@@ -58,8 +58,10 @@ class InferenceServicer:
     def attach(self, engine, tokenizer, limit_mm: int):
         mc = engine.model_config
         vocab = mc.get_vocab_size()
+        encoder_cache = getattr(getattr(engine, "input_processor", None), "mm_encoder_cache_size", 0) or None
         self.limits = PromptLimits(pad_id=tokenizer.convert_tokens_to_ids("<|media_pad|>"), vocab_size=vocab,
-                                   max_images=limit_mm, max_model_len=mc.max_model_len)
+                                   max_images=limit_mm, max_model_len=mc.max_model_len,
+                                   max_image_tokens=encoder_cache)
         self.end_marker_ids = end_marker_token_ids(tokenizer)
         self.model_dtype = mc.dtype
         self.engine = engine
@@ -188,8 +190,9 @@ async def serve(args) -> int:
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
             for name in ("", INFERENCE_SERVICE):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("engine ready in %.1f s (preset %s, max_model_len %d); SERVING",
-                     time.perf_counter() - t0, preset.name if preset else "none", servicer.limits.max_model_len)
+            log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s); SERVING",
+                     time.perf_counter() - t0, preset.name if preset else "none", servicer.limits.max_model_len,
+                     servicer.limits.max_image_tokens)
             watch = asyncio.create_task(_watch_engine(engine, engine_dead))
             await stop.wait()
             watch.cancel()

@@ -1,0 +1,117 @@
+"""`make run`: both tiers on this machine, one sample chat, then keep serving.
+
+Starts the inference tier (vLLM; CPU engine when there is no GPU) and the preprocessing
+tier as child processes, waits until both report SERVING on grpc.health.v1, streams one
+chat with an image (thinking and answer shown apart), prints how to chat with it, and
+serves until Ctrl-C (then drains both tiers).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+
+from kimivl.chat_cli import render
+from kimivl.client import Client
+
+BIN = os.path.dirname(sys.executable)
+console = Console(highlight=False)
+
+
+def wait_serving(name: str, target: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        with console.status(f"waiting for the {name} tier at {target}…"):
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise SystemExit(f"the {name} tier exited with code {proc.returncode}; see its log above")
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        console.print(f"[green]✓[/] {name} tier SERVING at {target}")
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)
+    raise SystemExit(f"the {name} tier was not SERVING within {timeout_s:.0f} s")
+
+
+def sample_image() -> bytes:
+    import io
+
+    from PIL import Image
+    try:
+        from skimage import data
+        img = Image.fromarray(data.astronaut())
+    except ImportError:
+        img = Image.linear_gradient("L").convert("RGB").resize((448, 448))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--preprocess-port", type=int, default=50051)
+    ap.add_argument("--inference-port", type=int, default=50052)
+    ap.add_argument("--once", action="store_true", help="stop after the sample chat")
+    a = ap.parse_args()
+    kimivl = os.path.join(BIN, "kimivl")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    try:
+        import torch
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    engine_flags = [] if gpu else ["--device", "cpu", "--enforce-eager", "--max-model-len", "4096"]
+    inference = subprocess.Popen([kimivl, "serve", "inference", "--model", a.model, "--port", str(a.inference_port),
+                                  "--metrics-port", "9091", *engine_flags], env=env)
+    preprocess = subprocess.Popen([kimivl, "serve", "preprocess", "--model", a.model,
+                                   "--port", str(a.preprocess_port), "--metrics-port", "9090",
+                                   "--inference-target", f"localhost:{a.inference_port}"], env=env)
+    procs = [preprocess, inference]
+    try:
+        wait_serving("preprocessing", f"localhost:{a.preprocess_port}", preprocess, 120)
+        wait_serving("inference", f"localhost:{a.inference_port}", inference, 900)
+        front = f"localhost:{a.preprocess_port}"
+        console.rule("sample chat: an image and a question")
+        with Client(front, timeout_s=600) as c:
+            render(c.stream(["Describe this picture.", sample_image(), "What stands out?"],
+                            sampling={"max_tokens": 48, "temperature": 0.0}), console)
+        console.rule()
+        console.print(f"Front door (kimivl.v1.ChatService) at [bold]{front}[/]; metrics on :9090 and :9091.\n"
+                      f"Chat with it:  [bold].venv/bin/kimivl chat --target {front} --image photo.jpg "
+                      "\"What is in this picture?\"[/]")
+        if a.model.endswith("kimi-vl-tiny"):
+            console.print("[dim](the embedded default is a tiny random-weight model: its words are noise; "
+                          "MODEL=/path/to/Kimi-VL-A3B-Thinking-2506 make run serves the real one)[/]")
+        if a.once:
+            return 0
+        console.print("Serving until Ctrl-C.")
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Images in, Kimi-VL patches out: vLLM's loader and the Kimi-VL processor, exactly, on CPU.
+
+What the engine receives must be bit-for-bit what vLLM's OpenAI server would have given the
+model, so both halves copy their reference step by step:
+
+* Loading mirrors ``vllm.multimodal.media.image.ImageMediaIO.load_bytes``: the same format
+  allowlist (no EPS/WMF/stub drivers), the same pixel limit, EXIF orientation applied with
+  errors ignored, and the same RGB conversion (transparency composited on white; animated
+  images give their first frame).
+* Processing mirrors the Kimi-VL image processor: above ``in_token_limit`` patches the image
+  is scaled by ``sqrt(limit / patches)`` with Pillow's BICUBIC; it is zero-padded bottom/right
+  to a multiple of ``merge_kernel_size * patch_size``; values are ``(x/255 - mean) / std`` in
+  float32, cast once (round to nearest even) to the wire dtype; patches are laid out
+  ``(grid_h * grid_w, 3, patch, patch)`` in row-major grid order.
+
+Deliberate deviation: the vision tower's 2-D position embedding covers at most
+``max_grid_side`` (512) patches per side and vLLM fails on a longer image. We instead shrink
+such an image to fit (same factor on both sides, one Pillow BICUBIC resize from the original
+to the final size), so an 8000x300 panorama is served instead of refused. Sides that would
+round to 0 pixels in either resize are kept at 1 (the reference would fail there too).
+
+Speed: every output value depends on exactly one input byte, so normalization and the dtype
+cast are a lookup table computed once with the reference's float32 arithmetic and the wire
+dtype's own cast (ml_dtypes for bfloat16). The image is cut into bands of patch rows; per
+band Pillow extracts the colour planes (zero padding comes free from cropping past the
+edge), numpy regroups 14-byte patch rows into patch order, and a single ``np.take`` maps
+*pairs* of bytes (a 65536-entry table) straight into the output. Work stays in cache and no
+float intermediate is ever materialized.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import lru_cache
+from io import BytesIO
+
+import blake3
+import ml_dtypes
+import numpy as np
+from PIL import Image, ImageOps
+
+# vllm.multimodal.image.ALLOWED_IMAGE_FORMATS (vLLM 0.32): in-process raster decoders only.
+ALLOWED_IMAGE_FORMATS: tuple[str, ...] = (
+    "AVIF", "BLP", "BMP", "CUR", "DCX", "DDS", "DIB", "FITS", "FLI", "FTEX", "GBR", "GIF",
+    "ICNS", "ICO", "IM", "IMT", "IPTC", "JPEG", "JPEG2000", "MCIDAS", "MSP", "PCD", "PCX",
+    "PIXAR", "PNG", "PPM", "PSD", "QOI", "SGI", "SPIDER", "SUN", "TGA", "TIFF", "WEBP", "XBM",
+    "XPM", "XVTHUMB",
+)  # fmt: skip
+
+# vLLM's default VLLM_MAX_IMAGE_PIXELS (also twice Pillow's decompression-bomb warning level).
+DEFAULT_MAX_PIXELS = 178_956_970
+
+WIRE_DTYPES = ("bfloat16", "float16", "float32")
+_NUMPY_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
+                 "float32": np.dtype(np.float32)}  # fmt: skip
+
+_BAND_LOOKUPS = 1 << 17  # table lookups per band: a band's index array (1 MiB) stays in cache
+_HASH_VERSION = b"kimivl-img/1"
+
+
+class ImageError(ValueError):
+    """An image the service cannot take; the message is meant for the user.
+
+    ``too_large`` tells a server to answer RESOURCE_EXHAUSTED rather than INVALID_ARGUMENT.
+    It survives pickling (BaseException pickles ``__dict__``), so it crosses process pools.
+    """
+
+    def __init__(self, message: str, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """The Kimi-VL processor's settings (defaults: Kimi-VL-A3B-Thinking-2506)."""
+
+    patch_size: int = 14
+    merge_kernel_size: tuple[int, int] = (2, 2)
+    in_token_limit: int = 16384
+    pad_input: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    max_grid_side: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("merge_kernel_size", "image_mean", "image_std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        mh, mw = self.merge_kernel_size
+        if self.patch_size < 1 or mh < 1 or mw < 1 or self.in_token_limit < 1:
+            raise ValueError(f"invalid processor config: {self}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
+            raise ValueError(f"image_mean/image_std must be 3 values, std non-zero: {self}")
+        if not self.pad_input:
+            # The reference then center-crops to whole patches, which can leave grids the
+            # patch merger cannot take; Kimi-VL models all pad.
+            raise ValueError("pad_input=false is not supported")
+        if self.max_grid_side < max(mh, mw):
+            raise ValueError(f"max_grid_side {self.max_grid_side} is below the merge kernel")
+
+    @classmethod
+    def from_model_dir(cls, path: str | None) -> ProcessorConfig:
+        """Settings from ``<path>/preprocessor_config.json``; defaults when absent or None."""
+        if path is None:
+            return cls()
+        file = os.path.join(path, "preprocessor_config.json")
+        if not os.path.isfile(file):
+            return cls()
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+        keys = ("patch_size", "merge_kernel_size", "in_token_limit", "pad_input", "image_mean",
+                "image_std")  # fmt: skip
+        return cls(**{k: raw[k] for k in keys if k in raw})
+
+    def fingerprint(self) -> bytes:
+        """Every setting that changes the output, for the content hash."""
+        return repr(tuple(getattr(self, f) for f in self.__dataclass_fields__)).encode()
+
+
+@dataclass
+class ProcessedImage:
+    """One image as the engine takes it."""
+
+    pixel_values: np.ndarray  # (N, 3, patch, patch), wire dtype, C-contiguous
+    grid_hw: tuple[int, int]  # patch rows, patch columns (both multiples of the merge kernel)
+    content_hash: str  # "kimivl-img:" + blake3 hex of config, dtype, size and pixels
+    merge_kernel_size: tuple[int, int] = (2, 2)
+
+    @property
+    def num_tokens(self) -> int:
+        """Placeholder tokens the image takes in the prompt."""
+        mh, mw = self.merge_kernel_size
+        return self.grid_hw[0] * self.grid_hw[1] // (mh * mw)
+
+
+def load_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode to RGB exactly as vLLM's ``ImageMediaIO.load_bytes`` (max_pixels <= 0: no limit)."""
+    try:
+        image = Image.open(BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        bomb = 2 * Image.MAX_IMAGE_PIXELS
+        limit = min(max_pixels, bomb) if max_pixels > 0 else bomb
+        raise ImageError(f"image is too large: over the limit of {limit} pixels", too_large=True) from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(
+            "not an image in a supported format (JPEG, PNG, WEBP, GIF, BMP, TIFF, AVIF and"
+            f" {len(ALLOWED_IMAGE_FORMATS) - 7} other raster formats; not EPS, SVG or WMF)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is the input's fault
+        raise ImageError(f"cannot read image: {e}") from None
+    w, h = image.size
+    if max_pixels > 0 and w * h > max_pixels:
+        raise ImageError(
+            f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}", too_large=True
+        )
+    try:
+        with suppress(Exception):
+            image = ImageOps.exif_transpose(image)
+        image.load()
+        return _to_rgb(image)
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt data surfaces here
+        raise ImageError(f"cannot decode image: {e}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """vLLM's ``convert_image_mode(image, "RGB")``: transparent pixels become white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+        rgb.paste(rgba, mask=rgba.split()[3])
+        return rgb
+    return image.convert("RGB")
+
+
+def target_size(width: int, height: int, config: ProcessorConfig) -> tuple[int, int]:
+    """The (width, height) the processor resizes to; the input size when no resize is due."""
+    p = config.patch_size
+    patches = (width // p) * (height // p)
+    w, h = width, height
+    if patches > config.in_token_limit:
+        s = math.sqrt(config.in_token_limit / patches)
+        w, h = max(1, int(w * s)), max(1, int(h * s))
+    # Largest side whose padded grid stays within max_grid_side patches.
+    mh, mw = config.merge_kernel_size
+    max_h = config.max_grid_side // mh * mh * p
+    max_w = config.max_grid_side // mw * mw * p
+    if w * max_h >= h * max_w and w > max_w:  # width binds: exactly max_w, height scaled alike
+        w, h = max_w, max(1, h * max_w // w)
+    elif h > max_h:
+        w, h = max(1, w * max_h // h), max_h
+    return w, h
+
+
+def process_image(image: Image.Image, config: ProcessorConfig, dtype: str = "bfloat16") -> ProcessedImage:
+    """Run the Kimi-VL processor on an RGB image (from :func:`load_image`)."""
+    wire = numpy_dtype(dtype)
+    if image.mode != "RGB":
+        raise ValueError(f"process_image needs an RGB image, got mode {image.mode}")
+    if min(image.size) < 1:  # Pillow's decoders refuse these; a caller-made image may not
+        raise ImageError(f"image is {image.width}x{image.height}: a side of 0 pixels")
+    size = target_size(*image.size, config)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    w, h = size
+    p = config.patch_size
+    mh, mw = config.merge_kernel_size
+    gh = -(-h // (mh * p)) * mh
+    gw = -(-w // (mw * p)) * mw
+    table, offsets = _pair_table(config, dtype)
+    unit = 2 if p * p % 2 == 0 else 1  # bytes per lookup; a pair never straddles two channels
+    hasher = blake3.blake3(b"%s|%s|%s|%d,%d|" % (_HASH_VERSION, config.fingerprint(), dtype.encode(), w, h))
+    # patches[row, col, channel, y] holds the p bytes of one patch row; zero where padded.
+    patch_row = np.dtype(f"V{p}")
+    patches = np.empty((gh, gw, 3, p), patch_row)
+    pixels = patches.view(np.uint8).reshape(gh, gw, 3, p, p)
+    fh, fw = h // p, w // p  # whole patches inside the image
+    rh, rw = h - fh * p, w - fw * p  # rows/columns of the partial last patch row/column
+    pixels[fh:] = 0
+    pixels[:fh, fw:] = 0
+    for c, name in enumerate("RGB"):
+        raw = image.tobytes("raw", name)  # one colour plane, deinterleaved by Pillow in C
+        hasher.update(raw)
+        plane = np.frombuffer(raw, np.uint8).reshape(h, w)
+        patches[:fh, :fw, c] = plane[: fh * p, : fw * p].view(patch_row).reshape(fh, p, fw).transpose(0, 2, 1)
+        if rw:
+            pixels[:fh, fw, c, :, :rw] = plane[: fh * p, fw * p :].reshape(fh, p, rw)
+        if rh:
+            pixels[fh, :fw, c, :rh] = plane[fh * p :, : fw * p].reshape(rh, fw, p).transpose(1, 0, 2)
+            if rw:
+                pixels[fh, fw, c, :rh, :rw] = plane[fh * p :, fw * p :]
+    codes = pixels.view(f"u{unit}").reshape(gh, gw, 3, -1)
+    out = np.empty(codes.shape, table.dtype)
+    band = max(1, _BAND_LOOKUPS // codes[0].size)  # patch rows per band: indices stay in cache
+    idx = np.empty((min(band, gh), *codes.shape[1:]), np.intp)
+    for r0 in range(0, gh, band):
+        n = min(band, gh - r0)
+        np.copyto(idx[:n], codes[r0 : r0 + n])
+        if offsets is not None:
+            idx[:n] += offsets
+        np.take(table, idx[:n], out=out[r0 : r0 + n], mode="clip")
+    pixel_values = out.view(wire).reshape(gh * gw, 3, p, p)
+    return ProcessedImage(pixel_values, (gh, gw), "kimivl-img:" + hasher.hexdigest(), config.merge_kernel_size)
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of a wire dtype name; ValueError for a name not in WIRE_DTYPES."""
+    try:
+        return _NUMPY_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {WIRE_DTYPES}, got {dtype!r}") from None
+
+
+@lru_cache(maxsize=16)
+def _pair_table(config: ProcessorConfig, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Lookup table from byte codes (one or two bytes of one channel) to wire-dtype values.
+
+    Values use the reference's arithmetic: float32 ``x / 255``, minus float32 mean, divided
+    by float32 std, then one cast to the wire dtype. Returns the flat table and, per channel,
+    the offset of its section; None when the three channels normalize alike (one section,
+    and the common case skips an add).
+    """
+    wire = numpy_dtype(dtype)
+    unit = 2 if config.patch_size**2 % 2 == 0 else 1
+    codes = np.arange(256**unit, dtype=f"u{unit}").view(np.uint8).reshape(-1, unit)  # bytes in memory order
+    x = np.arange(256, dtype=np.float32) / np.float32(255)
+    channels = list(zip(config.image_mean, config.image_std, strict=True))
+    distinct = list(dict.fromkeys(channels))
+    sections = []
+    for mean, std in distinct:
+        values = ((x - np.float32(mean)) / np.float32(std)).astype(wire)
+        sections.append(np.ascontiguousarray(values[codes]).view(f"u{unit * wire.itemsize}").reshape(-1))
+    table = np.concatenate(sections)
+    table.flags.writeable = False
+    if len(distinct) == 1:
+        return table, None
+    offsets = (np.array([distinct.index(ch) for ch in channels], dtype=np.intp) * 256**unit).reshape(3, 1)
+    offsets.flags.writeable = False
+    return table, offsets
+
+
+def preprocess_image_bytes(
+    data: bytes, config: ProcessorConfig, dtype: str = "bfloat16", *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ProcessedImage:
+    """Encoded image bytes to engine-ready patches (:func:`load_image` + :func:`process_image`)."""
+    numpy_dtype(dtype)  # a caller's mistake is reported before any decoding
+    return process_image(load_image(data, max_pixels=max_pixels), config, dtype)

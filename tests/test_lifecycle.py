@@ -1,0 +1,92 @@
+"""The inference tier's lifecycle as an orchestrator sees it: health while starting,
+draining on SIGTERM, and exiting non-zero when the engine dies."""
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2
+from PIL import Image
+from skimage import data as skdata
+
+from conftest import start_inference, start_preprocess
+from kimivl.client import Client, Unavailable
+
+pytestmark = pytest.mark.engine
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _jpeg():
+    buf = io.BytesIO()
+    Image.fromarray(skdata.coffee()).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def own_tiers(tiny_model):
+    inf = start_inference()
+    pre = None
+    try:
+        # The port answers at once, NOT_SERVING until the engine is ready.
+        deadline = time.monotonic() + 60
+        while inf.health() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert inf.health() == NOT_SERVING
+        assert inf.health("kimivl.v1.InferenceService") == NOT_SERVING
+        inf.wait_serving()
+        pre = start_preprocess(inf.target)
+        pre.wait_serving(60)
+        yield inf, pre
+    finally:
+        if pre:
+            pre.stop()
+        inf.stop(timeout_s=30)
+
+
+def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(own_tiers):
+    inf, pre = own_tiers
+    image = _jpeg()
+    outcome = {}
+
+    def long_stream():
+        with Client(pre.target, timeout_s=120) as c:
+            outcome["result"] = c.chat(["Keep going", image], sampling={"temperature": 0.0, "max_tokens": 60,
+                                                                       "ignore_eos": True})
+
+    # Prefix caching is on by default: a repeated prompt is served from the cache.
+    with Client(pre.target, timeout_s=120) as c:
+        c.chat(["Cache me", image], sampling={"max_tokens": 2})
+        again = c.chat(["Cache me", image], sampling={"max_tokens": 2})
+    assert again.usage.cached_prompt_tokens > 0
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    time.sleep(3)  # the stream is generating
+    inf.proc.send_signal(__import__("signal").SIGTERM)
+    deadline = time.monotonic() + 10
+    while inf.health() == SERVING and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with Client(pre.target, timeout_s=30) as c, pytest.raises(Unavailable):
+        c.chat(["New request", image], sampling={"max_tokens": 4})
+    t.join(120)
+    assert len(outcome["result"].token_ids) == 60  # the in-flight stream finished
+    assert inf.proc.wait(60) == 0
+
+
+def test_engine_death_turns_health_off_and_exits_non_zero(own_tiers):
+    inf, pre = own_tiers
+    children = psutil.Process(inf.proc.pid).children(recursive=True)
+    assert children, "the engine core runs in a child process"
+    for ch in children:
+        ch.kill()
+    assert inf.proc.wait(60) != 0
+    with Client(pre.target, timeout_s=30) as c, pytest.raises(Unavailable, match="inference tier unavailable"):
+        c.chat(["Anyone?"], sampling={"max_tokens": 4})
+    assert pre.health() == SERVING  # the front door itself stays up
+    with grpc.insecure_channel(inf.target) as ch:
+        with pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(ch).result(timeout=1)
