@@ -19,7 +19,7 @@ help:
 	@echo "make run    - install, build the tiny model, start both tiers on CPU and stream a sample chat"
 	@echo "make test   - install and run the test suite (real gRPC servers, real vLLM on CPU)"
 	@echo "make lint   - buf lint (protos) and ruff (Python)"
-	@echo "make bench-preprocess - image preprocessing benchmark (writes docs figures)"
+	@echo "make bench-preprocess - image preprocessing benchmark (prints the tables kept in docs/benchmarks.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

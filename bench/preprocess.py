@@ -9,7 +9,8 @@ side in interleaved rounds so that a noisy machine hurts all three alike (median
   ours       ``preprocess_image_bytes(data, config, "bfloat16")``
 
 and checks ours == reference bit for bit on every image. Then images/s on a mixed batch with
-the pipeline inline, in ImagePool threads, and in 1..N ImagePool worker processes.
+the pipeline inline, in ImagePool (threads) and, for comparison, in a pool of worker
+processes (forkserver; patches returned as bytes and rebuilt with np.frombuffer).
 Prints markdown for docs/benchmarks.md. Needs only the preprocess + dev extras (no torch).
 """
 
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from io import BytesIO
 from pathlib import Path
@@ -104,33 +107,53 @@ def per_image(config: ProcessorConfig) -> list[str]:
     return rows
 
 
-async def _rate(pool: ImagePool, batch: list[bytes]) -> float:
-    await asyncio.gather(*(pool.process(d) for d in batch[: 2 * max(pool.workers, 1)]))  # workers up
+def _in_worker(data: bytes) -> tuple[bytes, tuple[int, ...], tuple[int, int], str]:
+    out = preprocess_image_bytes(data, ProcessorConfig())
+    return out.pixel_values.tobytes(), out.pixel_values.shape, out.grid_hw, out.content_hash
+
+
+async def _rate(submit, batch: list[bytes], warm: int) -> float:
+    await asyncio.gather(*(submit(d) for d in batch[:warm]))  # threads/processes up
     t0 = time.perf_counter()
-    await asyncio.gather(*(pool.process(d) for d in batch))
+    await asyncio.gather(*(submit(d) for d in batch))
     return len(batch) / (time.perf_counter() - t0)
+
+
+async def _threads(config: ProcessorConfig, n: int, batch: list[bytes]) -> float:
+    pool = ImagePool(config, workers=n)
+    try:
+        return await _rate(pool.process, batch, 2 * n)
+    finally:
+        pool.close()
+
+
+async def _processes(n: int, batch: list[bytes]) -> float:
+    """The alternative ImagePool does not take: worker processes, patches back as bytes."""
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("forkserver")) as pool:
+
+        async def submit(data: bytes) -> np.ndarray:
+            raw, shape, _, _ = await loop.run_in_executor(pool, _in_worker, data)
+            return np.frombuffer(raw, ml_dtypes.bfloat16).reshape(shape)
+
+        return await _rate(submit, batch, 2 * n)
 
 
 def throughput(config: ProcessorConfig) -> tuple[list[str], int]:
     cpus = len(os.sched_getaffinity(0))
     mix = [imagedata.mosaic_jpeg(mp) for mp in (0.3, 1, 2, 5)] + [imagedata.photo_jpeg(n) for n in imagedata.PHOTOS]
     batch = mix * max(4, cpus)
-    rows = ["| mode | images/s |", "|---|---:|"]
     t0 = time.perf_counter()
     for data in batch:
         preprocess_image_bytes(data, config)
-    rows.append(f"| inline, one thread (no pool) | {len(batch) / (time.perf_counter() - t0):.1f} |")
+    inline = len(batch) / (time.perf_counter() - t0)
+    rows = ["| workers | ImagePool (threads) images/s | worker processes images/s |", "|---:|---:|---:|",
+            f"| none: inline, one thread | {inline:.1f} | |"]  # fmt: skip
     print(rows[-1], file=sys.stderr, flush=True)
-    counts = sorted({n for n in (1, 2, 4, 8, 16, 32) if n < cpus} | {cpus})
-    for label, workers in [(f"ImagePool(workers=0): {cpus} threads", 0)] + [
-        (f"ImagePool(workers={n}): {n} process{'es' if n > 1 else ''}", n) for n in counts
-    ]:
-        pool = ImagePool(config, workers=workers)
-        try:
-            rate = asyncio.run(_rate(pool, batch))
-        finally:
-            pool.close()
-        rows.append(f"| {label} | {rate:.1f} |")
+    for n in sorted({n for n in (1, 2, 4, 8, 16, 32) if n < cpus} | {cpus}):
+        threads = asyncio.run(_threads(config, n, batch))
+        processes = asyncio.run(_processes(n, batch))
+        rows.append(f"| {n} | {threads:.1f} | {processes:.1f} |")
         print(rows[-1], file=sys.stderr, flush=True)
     return rows, len(batch)
 

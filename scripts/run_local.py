@@ -22,7 +22,7 @@ from kimivl.chat_cli import render
 from kimivl.client import Client
 
 BIN = os.path.dirname(sys.executable)
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def wait_serving(name: str, target: str, proc: subprocess.Popen, timeout_s: float) -> None:

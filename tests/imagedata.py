@@ -7,9 +7,10 @@ Photos: :func:`photo` (pixels), :func:`photo_jpeg`, :func:`photo_png`, :func:`mo
 keep a real photo's detail and JPEG cost), :func:`document_png` (a scanned-text page).
 
 Edge cases (bytes): :func:`sized_png`, :func:`grayscale_png`, :func:`gray16_png`,
-:func:`cmyk_jpeg`, :func:`palette_trns_png`, :func:`la_png`, :func:`rgba_png` (+ :func:`rgba_alpha`),
-:func:`exif_jpeg`, :func:`animated_gif`; refused inputs: :func:`truncated_jpeg`,
-:func:`garbage_bytes`, :func:`eps_bytes`, :func:`svg_bytes`, :func:`png_header_only`.
+:func:`cmyk_jpeg`, :func:`palette_trns_png`, :func:`la_png`, :func:`rgba_png` (alpha:
+:func:`rgba_alpha`), :func:`exif_jpeg`, :func:`animated_gif`. Refused inputs:
+:func:`truncated_jpeg`, :func:`truncated_exif_jpeg`, :func:`garbage_bytes`, :func:`eps_bytes`,
+:func:`svg_bytes`, and :func:`png_header_only` (any declared size, for pixel-limit tests).
 
 :data:`DECODABLE` and :data:`REFUSED` map a case name to a zero-argument function giving the
 bytes, for parametrized tests.
@@ -162,6 +163,12 @@ def truncated_jpeg() -> bytes:
     return data[: len(data) // 2]
 
 
+def truncated_exif_jpeg() -> bytes:
+    """The first half of an EXIF-rotated JPEG: rotating fails too (vLLM ignores that, then fails)."""
+    data = exif_jpeg(6)
+    return data[: len(data) // 2]
+
+
 def garbage_bytes() -> bytes:
     return b"this is not an image\x00\x01\x02" * 10
 
@@ -202,6 +209,7 @@ DECODABLE: dict[str, Callable[[], bytes]] = {
 
 REFUSED: dict[str, Callable[[], bytes]] = {
     "truncated_jpeg": truncated_jpeg,
+    "truncated_exif_jpeg": truncated_exif_jpeg,
     "garbage": garbage_bytes,
     "empty": lambda: b"",
     "eps": eps_bytes,

@@ -16,10 +16,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
+from conftest import ENGINE_ENV, ROOT
 from kimivl.client import AsyncClient, Client, InvalidArgument
 from kimivl.v1 import inference_pb2, inference_pb2_grpc, types_pb2
-
-from conftest import ENGINE_ENV, ROOT
 
 pytestmark = pytest.mark.engine
 

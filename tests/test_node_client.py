@@ -9,10 +9,11 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import ROOT
-from kimivl.client import Client
 from PIL import Image
 from skimage import data as skdata
+
+from conftest import ROOT
+from kimivl.client import Client
 
 NODE_DIR = ROOT / "clients" / "node"
 CHAT_JS = NODE_DIR / "examples" / "chat.js"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from kimivl.thinking import ThinkingResult, extract_thinking_and_summary, split_thinking
 from kimivl_inference.thinking import THINK_END, THINK_START, Split, ThinkingSplitter
 

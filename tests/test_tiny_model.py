@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from kimivl_inference import hf_processor
 from kimivl_inference.hf_processor import KimiVLImageProcessor, KimiVLProcessor
 from kimivl_inference.tiny_model import SPECIAL_TOKENS, main, make_tiny_model
-from PIL import Image
 
 PAD = SPECIAL_TOKENS["<|media_pad|>"]
 IMAGE_PART = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"

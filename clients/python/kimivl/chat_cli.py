@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
             if args.json:
                 stream_json(client, request)
             else:
-                render(client.stream(request=request), Console(highlight=False))
+                render(client.stream(request=request), Console(highlight=False, soft_wrap=True))
         except KimiVLError as e:
             if args.json:
                 print(json.dumps({"error": {"code": e.code.name, "message": e.details}}), flush=True)

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile")
     p.add_argument("--no-prefix-caching", action="store_true", help="prefix caching is on by default")
     p.add_argument("--load-format", default="auto", help="vLLM load format (`dummy` for benchmarks)")
+    p.add_argument("--reinit-dummy-weights", action="store_true",
+                   help="with --load-format dummy: re-initialise every weight N(0, 1/fan_in) from --seed, so "
+                        "outputs depend on the image and MoE routing is realistic (benchmarks without a checkpoint)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-message-mb", type=int, default=256, help="largest gRPC message accepted")

@@ -22,9 +22,9 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from kimivl.limits import RequestError, check_sampling
 from kimivl.prepared import PromptLimits, check_prepared_prompt
-from kimivl.v1 import inference_pb2, inference_pb2_grpc
+from kimivl.v1 import inference_pb2
 
-from .engine import build_engine_input, start_engine
+from .engine import build_engine_input, reinit_dummy_weights, start_engine
 from .generation import GenerationStats, end_marker_token_ids, generate
 
 log = logging.getLogger("kimivl.inference")
@@ -101,7 +101,7 @@ class InferenceServicer:
             THINKING_TOKENS.inc(u.thinking_tokens)
             ANSWER_TOKENS.inc(u.answer_tokens)
             times = stats.token_times
-            for a, b in zip(times, times[1:]):
+            for a, b in zip(times, times[1:], strict=False):
                 ITL.observe(b - a)
         except RequestError as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.resource_exhausted else grpc.StatusCode.INVALID_ARGUMENT
@@ -153,7 +153,8 @@ async def serve(args) -> int:
     reflection.enable_server_reflection(
         [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server)
-    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    host = f"[{args.host}]" if ":" in args.host else args.host  # IPv6 literals need brackets
+    bound = server.add_insecure_port(f"{host}:{args.port}")
     if bound == 0:
         raise SystemExit(f"cannot listen on {args.host}:{args.port}")
     for name in ("", INFERENCE_SERVICE):
@@ -187,6 +188,9 @@ async def serve(args) -> int:
             exit_code = 1
             stop.set()
         else:
+            if args.reinit_dummy_weights:
+                info = await engine.collective_rpc(reinit_dummy_weights, args=(args.seed,))
+                log.info("dummy weights re-initialised: %s", info)
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
             for name in ("", INFERENCE_SERVICE):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -21,11 +21,10 @@ round to 0 pixels in either resize are kept at 1 (the reference would fail there
 
 Speed: every output value depends on exactly one input byte, so normalization and the dtype
 cast are a lookup table computed once with the reference's float32 arithmetic and the wire
-dtype's own cast (ml_dtypes for bfloat16). The image is cut into bands of patch rows; per
-band Pillow extracts the colour planes (zero padding comes free from cropping past the
-edge), numpy regroups 14-byte patch rows into patch order, and a single ``np.take`` maps
-*pairs* of bytes (a 65536-entry table) straight into the output. Work stays in cache and no
-float intermediate is ever materialized.
+dtype's own cast (ml_dtypes for bfloat16). Pillow extracts each colour plane in C, numpy
+regroups 14-byte patch rows into patch order (zeros where padded), and then, band by band so
+the indices stay in cache, one ``np.take`` maps *pairs* of bytes (a 65536-entry table)
+straight into the output: no float image is ever materialized.
 """
 
 from __future__ import annotations
@@ -65,8 +64,8 @@ _HASH_VERSION = b"kimivl-img/1"
 class ImageError(ValueError):
     """An image the service cannot take; the message is meant for the user.
 
-    ``too_large`` tells a server to answer RESOURCE_EXHAUSTED rather than INVALID_ARGUMENT.
-    It survives pickling (BaseException pickles ``__dict__``), so it crosses process pools.
+    ``too_large`` tells a server to answer RESOURCE_EXHAUSTED rather than INVALID_ARGUMENT;
+    it survives pickling (BaseException pickles ``__dict__``), e.g. across a process pool.
     """
 
     def __init__(self, message: str, too_large: bool = False):
@@ -87,8 +86,10 @@ class ProcessorConfig:
     max_grid_side: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("merge_kernel_size", "image_mean", "image_std"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        # Canonical types (JSON gives lists, maybe ints), so equal settings fingerprint alike.
+        object.__setattr__(self, "merge_kernel_size", tuple(int(m) for m in self.merge_kernel_size))
+        for name in ("image_mean", "image_std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         mh, mw = self.merge_kernel_size
         if self.patch_size < 1 or mh < 1 or mw < 1 or self.in_token_limit < 1:
             raise ValueError(f"invalid processor config: {self}")
@@ -161,6 +162,8 @@ def load_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
             image = ImageOps.exif_transpose(image)
         image.load()
         return _to_rgb(image)
+    except MemoryError:
+        raise ImageError("not enough memory to decode the image", too_large=True) from None
     except Exception as e:  # noqa: BLE001 - truncated/corrupt data surfaces here
         raise ImageError(f"cannot decode image: {e}") from None
 

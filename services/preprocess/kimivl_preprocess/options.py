@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gRPC target of the inference tier, e.g. dns:///kimivl-inference:50052 "
                         "(round_robin over every address it resolves to)")
     p.add_argument("--workers", type=int, default=None,
-                   help="image worker processes (default: the CPUs this process may use; 0 = in-process)")
+                   help="image worker threads (default: one per CPU this process may use; decode, resize, numpy "
+                        "and hashing release the GIL, and threads measured faster than processes)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--max-images", type=int, default=256, help="most images per request")
     p.add_argument("--max-image-bytes", type=int, default=32 * MiB, help="largest encoded image or URL body")

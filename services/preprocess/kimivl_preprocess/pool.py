@@ -3,9 +3,8 @@
 Threads rather than processes, by measurement (docs/benchmarks.md, "Preprocessing (CPU)"):
 Pillow's decoders and resampler, numpy's copies and lookups and blake3 all release the GIL,
 so threads scale with cores, while a process pool must move every result (megabytes of
-patches) through a pipe into this process. On a quiet 2-core machine 2 threads did 71
-images/s against 50 for 2 worker processes; with 16 cores, 202 against 133 (the parent's
-unpickling saturates); one worker process is slower than no pool at all.
+patches) through a pipe into this process. On 2 cores, 2 threads did 65 images/s against 43
+for 2 worker processes; on 16 cores, 178 against 92 (the parent's unpickling saturates).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from .image import DEFAULT_MAX_PIXELS, ProcessedImage, ProcessorConfig, numpy_dtype, preprocess_image_bytes
+from .image import DEFAULT_MAX_PIXELS, ProcessedImage, ProcessorConfig, preprocess_image_bytes
 
 
 class ImagePool:
@@ -34,8 +33,7 @@ class ImagePool:
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="kimivl-image")
 
     async def process(self, data: bytes, dtype: str = "bfloat16") -> ProcessedImage:
-        """Encoded bytes to patches; raises :class:`~kimivl_preprocess.image.ImageError` like the inline call."""
-        numpy_dtype(dtype)  # a bad dtype is the caller's bug: raise here, not in a worker
+        """Encoded bytes to patches (:func:`~kimivl_preprocess.image.preprocess_image_bytes`, same errors)."""
         work = partial(preprocess_image_bytes, data, self._config, dtype, max_pixels=self._max_pixels)
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 

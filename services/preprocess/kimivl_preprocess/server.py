@@ -22,7 +22,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
 from kimivl.limits import RequestError, check_sampling
-from kimivl.v1 import chat_pb2, inference_pb2, inference_pb2_grpc, preprocess_pb2, preprocess_pb2_grpc, types_pb2
+from kimivl.v1 import (
+    chat_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    preprocess_pb2,
+    preprocess_pb2_grpc,
+)
 
 from .codec import PROTO_TO_DTYPE
 from .image import ProcessorConfig
@@ -46,10 +52,12 @@ CHAT_TTFT = Histogram("kimivl_chat_time_to_first_token_seconds", "Chat: arrival 
                       buckets=(.025, .05, .1, .25, .5, 1, 2, 4, 8, 16, 32))
 
 # Round-robin across every address the target resolves to (a headless Service gives one
-# per inference pod), and retry UNAVAILABLE: gRPC only retries before the first response
-# arrives, so a stream that has started is never replayed.
+# per inference pod), skipping pods whose grpc.health.v1 status is not SERVING (starting,
+# draining), and retry UNAVAILABLE: gRPC only retries before the first response arrives,
+# so a stream that has started is never replayed.
 INFERENCE_SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": INFERENCE_SERVICE},
     "methodConfig": [{
         "name": [{"service": INFERENCE_SERVICE}],
         "retryPolicy": {
@@ -191,7 +199,8 @@ async def serve(args: argparse.Namespace) -> None:
     reflection.enable_server_reflection(
         [CHAT_SERVICE, PREPROCESS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    host = f"[{args.host}]" if ":" in args.host else args.host  # IPv6 literals need brackets
+    bound = server.add_insecure_port(f"{host}:{args.port}")
     if bound == 0:
         raise SystemExit(f"cannot listen on {args.host}:{args.port}")
     if args.metrics_port:
