@@ -11,12 +11,15 @@ import sys
 
 EXIT_USAGE = 2
 
-# name -> (module, help); modules expose main(argv) -> int
+# name -> (module, help, extra that provides it); modules expose main(argv) -> int
 PASS_THROUGH = {
-    "preprocess": ("kimivl_preprocess.preprocess_cli", "preprocess images to an .npz, as the model sees them"),
-    "make-tiny-model": ("kimivl_inference.tiny_model", "write the tiny random-weight Kimi-VL used by tests and demos"),
-    "doctor": ("kimivl_inference.doctor", "check the environment: Python, torch, GPU, vLLM, model directory"),
-    "chat": ("kimivl.chat_cli", "chat with a running front door from the terminal"),
+    "preprocess": ("kimivl_preprocess.preprocess_cli", "preprocess images to an .npz, as the model sees them",
+                   "preprocess"),
+    "make-tiny-model": ("kimivl_inference.tiny_model", "write the tiny random-weight Kimi-VL used by tests and demos",
+                        "inference"),
+    "doctor": ("kimivl_inference.doctor", "check the environment: Python, torch, GPU, vLLM, model directory",
+               "inference"),
+    "chat": ("kimivl.chat_cli", "chat with a running front door from the terminal", None),
 }
 SERVE = {
     "preprocess": ("kimivl_preprocess.options", "kimivl_preprocess.server", "the preprocessing tier (CPU, front door)",
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     for tier, (opts, _, help_text, extra) in SERVE.items():
         p = serve_sub.add_parser(tier, help=help_text, description=f"Serve {help_text}.")
         _import(opts, extra).add_arguments(p)
-    for name, (_, help_text) in PASS_THROUGH.items():
+    for name, (_, help_text, _) in PASS_THROUGH.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -50,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASS_THROUGH:
-        module = _import(PASS_THROUGH[argv[0]][0], None if argv[0] == "chat" else "inference")
+        module_name, _, extra = PASS_THROUGH[argv[0]]
+        module = _import(module_name, extra)
         return module.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
