@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let image URLs reach private, loopback and link-local addresses")
     p.add_argument("--url-timeout-s", type=float, default=10.0)
     p.add_argument("--url-max-redirects", type=int, default=3)
+    p.add_argument("--tls-cert-file", help="serve TLS with this PEM certificate chain (with --tls-key-file)")
+    p.add_argument("--tls-key-file", help="PEM private key for --tls-cert-file")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM: how long in-flight RPCs may finish while new ones are refused")
     p.add_argument("--log-level", default="info")

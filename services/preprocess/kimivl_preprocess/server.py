@@ -200,7 +200,14 @@ async def serve(args: argparse.Namespace) -> None:
         [CHAT_SERVICE, PREPROCESS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     host = f"[{args.host}]" if ":" in args.host else args.host  # IPv6 literals need brackets
-    bound = server.add_insecure_port(f"{host}:{args.port}")
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):
+        raise SystemExit("--tls-cert-file and --tls-key-file go together")
+    if args.tls_cert_file:
+        with open(args.tls_key_file, "rb") as k, open(args.tls_cert_file, "rb") as c:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        bound = server.add_secure_port(f"{host}:{args.port}", creds)
+    else:
+        bound = server.add_insecure_port(f"{host}:{args.port}")
     if bound == 0:
         raise SystemExit(f"cannot listen on {args.host}:{args.port}")
     if args.metrics_port:
