@@ -5,6 +5,7 @@ cluster: one front door, two inference tiers (real CPU engines) at 127.0.0.1:P a
 from __future__ import annotations
 
 import io
+import os
 import re
 import signal
 import socketserver
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 from PIL import Image
@@ -97,7 +99,10 @@ def test_spread_failover_and_recovery(dns_server):
             futures = [pool.submit(long_stream, i) for i in range(4)]
             time.sleep(6)  # all four are generating, spread over both tiers
             killed_at = time.monotonic()
-            a.proc.send_signal(signal.SIGKILL)
+            # A pod dies whole: the server and vLLM's engine processes with it.
+            victims = [a.proc.pid, *(c.pid for c in psutil.Process(a.proc.pid).children(recursive=True))]
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
             outcomes = [f.result(timeout=300) for f in futures]
         done = [o for o in outcomes if o[0] == "done"]
         failed = [o for o in outcomes if o[0] != "done"]
