@@ -54,13 +54,14 @@ def _mosaic(rng: random.Random, width: int, height: int):
     rng.shuffle(names)
     y, k = -rng.randrange(0, 200), 0
     while y < height:
-        x, row = -rng.randrange(0, 200), 0
+        x, row = -rng.randrange(0, 200), rng.randint(360, 520)  # rows of one height: no gaps
         while x < width:
             tile = Image.fromarray(_photo(names[k % len(names)]))
+            tile = tile.resize((max(1, round(tile.width * row / tile.height)), row), Image.Resampling.BILINEAR)
             if rng.random() < 0.5:
                 tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             canvas.paste(tile, (x, y))
-            x, row, k = x + tile.width, max(row, tile.height), k + 1
+            x, k = x + tile.width, k + 1
         y += row
     return canvas
 

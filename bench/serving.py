@@ -303,11 +303,39 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+SOURCE_DIRS = [os.path.join(ROOT, "clients", "python"), os.path.join(ROOT, "services", "inference"),
+               os.path.join(ROOT, "services", "preprocess")]
+
+
+def project_paths() -> list[str]:
+    """Where the project must come from: an installed kimivl (wheel or editable, with its
+    generated kimivl.v1 stubs) if there is one, else this working tree's source folders (which
+    then need the stubs generated: scripts/gen_protos.py)."""
+    try:
+        ok = all(importlib.util.find_spec(m) is not None
+                 for m in ("kimivl.v1.chat_pb2", "kimivl_inference", "kimivl_preprocess"))
+    except ModuleNotFoundError:
+        ok = False
+    return [HERE] if ok else [*SOURCE_DIRS, HERE]
+
+
+def vllm_plugins_env(mode: str, cpu: bool) -> dict:
+    """vllm serve as its users run it: without this project's ``vllm.general_plugins`` entry
+    (kimivl_inference.hf_processor, which would replace the checkpoint's own remote-code HF
+    processor). The tiny CPU model has no processor code of its own and needs it."""
+    if mode == "all" or (mode == "auto" and cpu):
+        return {}
+    eps = importlib.metadata.entry_points()
+    if not any(ep.name == "kimivl" and ep.group == "vllm.general_plugins" for ep in eps):
+        return {}
+    keep = sorted({ep.name for ep in eps if ep.group.startswith("vllm.") and ep.name != "kimivl"})
+    return {"VLLM_PLUGINS": ",".join(keep)}  # "" (no name matches it) loads none
+
+
 def child_env(cpu: bool, extra: dict | None = None) -> dict:
     env = dict(os.environ)
-    paths = [os.path.join(ROOT, "clients", "python"), os.path.join(ROOT, "services", "inference"),
-             os.path.join(ROOT, "services", "preprocess"), HERE]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join(project_paths() + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                           if p])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
@@ -505,14 +533,15 @@ class VllmSystem:
         cmd = [*vllm_cli(), "serve", a.model, "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", "bench", "--api-server-count", str(self.d["api_servers"]),
                "--disable-uvicorn-access-log", *vllm_serve_flags(self.e, a.cpu), *shlex.split(a.vllm_serve_args)]
-        env = child_env(a.cpu, {"VLLM_SERVER_DEV_MODE": "1", SHIM_ENV: "1"})
+        plugins = vllm_plugins_env(a.vllm_plugins, a.cpu)
+        env = child_env(a.cpu, {"VLLM_SERVER_DEV_MODE": "1", SHIM_ENV: "1", **plugins})
         t = time.perf_counter()
         self.proc = Proc(self.d["name"].replace(":", "-"), cmd, env, self.log_dir)
         base = f"http://127.0.0.1:{self.port}"
         await wait_http(base + "/health", self.proc, a.start_timeout_s)
         self.info["start_s"] = round(time.perf_counter() - t, 1)
         self.info["cmd"] = shlex.join(cmd)
-        self.info["env"] = {"VLLM_SERVER_DEV_MODE": "1"}
+        self.info["env"] = {"VLLM_SERVER_DEV_MODE": "1", **plugins}
         import loadgen as lg
         self.sender = lg.VllmSender(base, "bench", timeout_s=a.request_timeout_s, token_ids=not a.vllm_no_token_ids)
 
@@ -520,7 +549,7 @@ class VllmSystem:
         base = f"http://127.0.0.1:{self.port}"
         t = time.perf_counter()
         r = await http_json("POST", base + "/collective_rpc", {"method": "reinit_dummy_weights",
-                                                              "args": [self.e["seed"]]})
+                                                              "args": [self.e["seed"], int(self.args.cpu_repack)]})
         with contextlib.suppress(Exception):  # drop any KV computed with the old weights
             await http_json("POST", base + "/reset_prefix_cache")
         return {"via": "POST /collective_rpc {method: reinit_dummy_weights} (VLLM_SERVER_DEV_MODE=1, "
@@ -577,7 +606,7 @@ class CeilingSystem:
 
     async def reinit(self):
         t = time.perf_counter()
-        r = await self.engine.collective_rpc("reinit_dummy_weights", args=(self.e["seed"],))
+        r = await self.engine.collective_rpc("reinit_dummy_weights", args=(self.e["seed"], int(self.args.cpu_repack)))
         with contextlib.suppress(Exception):
             await self.engine.reset_prefix_cache()
         return {"via": "AsyncLLM.collective_rpc('reinit_dummy_weights') (worker_extension_cls)", "result": r,
@@ -587,6 +616,10 @@ class CeilingSystem:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+            if getattr(self, "sender", None) is not None:
+                self.sender.engine = None
+            import gc
+            gc.collect()  # AsyncLLM.__del__ now, not at interpreter exit
         if getattr(self, "pool", None) is not None:
             self.pool.close()
             await self.fetcher.close()
@@ -617,8 +650,9 @@ class Bench:
                 "host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(), "mem_gib": _mem_gib(),
                 "gpu": _gpu_name(), "versions": _versions(), "git": _git(), "model": os.path.abspath(a.model),
                 "mode": "cpu" if a.cpu else "gpu", "engine": self.e, "workloads": self.specs,
-                "slo_ttft_p90_s": a.slo_ttft_p90_s, "systems": a.systems,
+                "slo_ttft_p90_s": a.slo_ttft_p90_s, "systems": a.systems, "cpu_repack": a.cpu_repack,
                 "vllm_serve_count_tokens": "return_token_ids" if not a.vllm_no_token_ids else "usage",
+                "project_paths": project_paths(), "vllm_plugins": a.vllm_plugins,
                 "notes": ["vllm serve keeps its default multimodal processor cache; ours and the ceiling run with "
                           "mm_processor_cache_gb=0 (requests arrive preprocessed)",
                           "ITL per request = (last token time - first token time) / (tokens - 1); p50/p90 over "
@@ -1211,6 +1245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-tokens", type=int, default=8)
     p.add_argument("--prove-reinit", action=argparse.BooleanOptionalAction, default=None,
                    help="vllm/ceiling: probe before and after the re-initialisation (default: with --cpu)")
+    p.add_argument("--cpu-repack", action="store_true",
+                   help="CPU, vllm/ceiling only: also re-create the linear weights vLLM's CPU backend packed and "
+                        "dropped at load (bench/reinit_ext.py), so outputs depend on the image; the inference tier "
+                        "cannot, so do not compare systems with it")
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--phase-limit-s", type=float, default=240.0, help="burst / closed / sequential phases")
     p.add_argument("--drain-s", type=float, default=60.0, help="Poisson: time after the last arrival")
@@ -1222,6 +1260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vllm serve: count tokens from usage, not return_token_ids (chunks without text are then "
                         "not sent by vLLM, so first/last token times are those of text)")
     p.add_argument("--vllm-serve-args", default="", help="extra flags for vllm serve")
+    p.add_argument("--vllm-plugins", choices=["auto", "all", "no-kimivl"], default="auto",
+                   help="vllm serve: load this project's vllm.general_plugins entry (its HF processor) or not; "
+                        "auto = only with --cpu (the tiny model needs it; a real checkpoint brings its own)")
     p.add_argument("--ours-inference-args", default="", help="extra flags for kimivl serve inference")
     p.add_argument("--ours-preprocess-args", default="", help="extra flags for kimivl serve preprocess")
     p.add_argument("--no-chunks", action="store_true", help="leave per-message token times out of results.json")
@@ -1250,8 +1291,9 @@ def main() -> int:
     if not args.model:
         raise SystemExit("--model is required")
     args.model = os.path.abspath(args.model)
-    if HERE not in sys.path:
-        sys.path.insert(0, HERE)
+    for p in reversed(project_paths()):
+        if p not in sys.path:
+            sys.path.insert(0, p)
     bench = Bench(args)
     log(f"engine args: {bench.e}")
     log(f"workloads: {json.dumps(bench.specs)}")

@@ -66,7 +66,8 @@ def main() -> int:
     ap.add_argument("--once", action="store_true", help="stop after the sample chat")
     a = ap.parse_args()
     kimivl = os.path.join(BIN, "kimivl")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+               VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
     try:
         import torch
         gpu = torch.cuda.is_available()
@@ -97,8 +98,14 @@ def main() -> int:
         if a.once:
             return 0
         console.print("Serving until Ctrl-C.")
-        while all(p.poll() is None for p in procs):
-            time.sleep(1)
+        stopping = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopping.append(True))
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        if stopping:
+            return 0
+        console.print("[red]a tier exited on its own; stopping[/]")
         return 1
     except KeyboardInterrupt:
         return 0

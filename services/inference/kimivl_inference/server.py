@@ -208,6 +208,9 @@ async def serve(args) -> int:
     await server.stop(grace=0 if exit_code else args.drain_timeout_s)
     if engine is not None:
         engine.shutdown()
+        # AsyncLLM.__del__ calls shutdown() again, at interpreter teardown when its module
+        # globals are gone, and prints a spurious traceback: it has already run.
+        engine.shutdown = lambda *a, **k: None
     elif not start.done():
         os._exit(exit_code or 0)  # interrupted mid-start: the engine thread can't be joined cleanly
     return exit_code
