@@ -14,7 +14,6 @@ from skimage import data
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from conftest import free_port, start_preprocess  # noqa: E402
-
 from kimivl.client import Client  # noqa: E402
 
 
