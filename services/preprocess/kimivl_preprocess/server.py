@@ -119,6 +119,10 @@ class ChatServicer:
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except Exception as e:  # a bug, not bad input: log it, answer a clean status
+            log.exception("Chat %s failed", request.request_id)
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(code, f"internal error: {type(e).__name__}")
         finally:
             REQUESTS.labels("Chat", code.name).inc()
 
@@ -149,6 +153,10 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         except RequestError as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.resource_exhausted else grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(e))
+        except Exception as e:  # a bug, not bad input: log it, answer a clean status
+            log.exception("Preprocess failed")
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(code, f"internal error: {type(e).__name__}")
         finally:
             REQUESTS.labels("Preprocess", code.name).inc()
 
