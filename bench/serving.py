@@ -1124,6 +1124,13 @@ def plots(results: dict, out: str) -> list[str]:
         return []
     written = []
 
+    def save(fig, name: str) -> str:
+        fig.tight_layout()
+        path = os.path.join(out, f"{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     def grid(n):
         cols = min(3, n)
         rows = (n + cols - 1) // cols
@@ -1168,11 +1175,7 @@ def plots(results: dict, out: str) -> list[str]:
             ax.legend(fontsize=6)
         ax.set_title(f"TTFT: {title}", fontsize=9)
         ax.set_ylabel("s")
-    fig.tight_layout()
-    path = os.path.join(out, "ttft.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, "ttft"))
     # Throughput
     fig, axes = grid(len(panels))
     for ax, (title, w, ps, kind) in zip(axes, panels, strict=False):
@@ -1192,11 +1195,7 @@ def plots(results: dict, out: str) -> list[str]:
             ax.set_ylabel("achieved requests/s")
             ax.legend(fontsize=6)
         ax.set_title(f"throughput: {title}", fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(out, "throughput.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, "throughput"))
     # ITL
     fig, axes = grid(len(panels))
     for ax, (title, w, ps, kind) in zip(axes, panels, strict=False):
@@ -1208,11 +1207,7 @@ def plots(results: dict, out: str) -> list[str]:
             ax.legend(fontsize=6)
         ax.set_title(f"inter-token latency: {title}", fontsize=9)
         ax.set_ylabel("ms")
-    fig.tight_layout()
-    path = os.path.join(out, "itl.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, "itl"))
     return written
 
 

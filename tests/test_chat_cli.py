@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -58,7 +59,12 @@ def test_live_view_prints_answer_and_usage(front_door, photos):
     p = kimivl_chat("--target", front_door.target, "--image", photos[1], "Describe", "--max-tokens", "8",
                     "--no-thinking")
     assert p.returncode == 0, p.stderr
-    assert "answer" in p.stdout and "prompt" in p.stdout and "first token" in p.stdout
+    lines = p.stdout.splitlines()
+    assert "thinking…" not in p.stdout  # hidden with --no-thinking
+    header = lines.index("answer")  # the answer section, then its streamed text, then usage
+    assert lines[header + 1].strip(), "no answer text streamed"
+    assert re.search(r"^── length · prompt \d+ tok .* · thinking \d+ · answer \d+ · .*first token \d+ ms",
+                     lines[-1]), lines[-1]
 
 
 def test_grpc_error_exit_code(front_door_alone):
