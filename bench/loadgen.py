@@ -364,7 +364,7 @@ class EngineSender:
         from kimivl_inference.engine import build_engine_input
 
         prepared = await self.pre.prepare(build_request(req.parts), "bfloat16")  # the front door's wire dtype
-        return build_engine_input(prepared.prompt, self.dtype), req.max_tokens, bool(extra)
+        return build_engine_input(prepared.prompt.message(), self.dtype), req.max_tokens, bool(extra)
 
     async def send(self, payload, rec: Record, want_ids: bool = False) -> None:
         from vllm import SamplingParams

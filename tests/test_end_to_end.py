@@ -142,6 +142,9 @@ def _mutations(p: types_pb2.PreparedPrompt):
         ("float32 label on bf16 bytes", m(lambda q: setattr(q.images[0].pixel_values, "dtype",
                                                            types_pb2.TENSOR_DTYPE_FLOAT32)),
          "prompt.images[0].pixel_values.data is"),
+        ("uint8 label on bf16 bytes", m(lambda q: setattr(q.images[0].pixel_values, "dtype",
+                                                         types_pb2.TENSOR_DTYPE_UINT8)),
+         "prompt.images[0].pixel_values.data is"),
         ("placeholder too long", m(lambda q: setattr(q.images[0], "placeholder_length", n + 4)),
          "prompt.images[0].placeholder_length"),
         ("run longer than the placeholder", m(lambda q: q.token_ids.insert(off, q.token_ids[off])),
@@ -173,6 +176,18 @@ def test_inference_validates_before_the_engine_and_keeps_serving(front_door, inf
     # The engine survived every one of them.
     assert [m.delta.token_ids for m in _generate(inference_server.target, prompt)] == \
         [m.delta.token_ids for m in good]
+
+
+def test_uint8_and_bfloat16_patches_give_the_same_generation(front_door, inference_server):
+    """Raw pixels normalized by the inference tier == patches normalized by the front door."""
+    with Client(front_door.target, timeout_s=120) as c:
+        as_uint8 = c.preprocess(["Look", COFFEE], dtype=types_pb2.TENSOR_DTYPE_UINT8).prompt
+        as_bf16 = c.preprocess(["Look", COFFEE], dtype=types_pb2.TENSOR_DTYPE_BFLOAT16).prompt
+    assert as_uint8.images[0].pixel_values.dtype == types_pb2.TENSOR_DTYPE_UINT8
+    assert len(as_uint8.images[0].pixel_values.data) * 2 == len(as_bf16.images[0].pixel_values.data)
+    ids = [[m.delta.token_ids for m in _generate(inference_server.target, p, max_tokens=12)
+            if m.WhichOneof("event") == "delta"] for p in (as_uint8, as_bf16)]
+    assert ids[0] == ids[1] and sum(len(x) for x in ids[0]) == 12
 
 
 def test_front_door_takes_a_prepared_prompt_and_rehashes_it(front_door):

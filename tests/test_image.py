@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 import imagedata
+from kimivl_inference.pixels import PixelNormalizer, read_normalization
 from kimivl_preprocess.image import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -189,6 +190,43 @@ def test_patches_equal_reference(case, loaded):
         assert ours.grid_hw == grid
         assert ours.num_tokens == grid[0] * grid[1] // 4
         assert_matches_reference(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("case", sorted(PROCESS_CASES))
+def test_uint8_patches_normalized_by_the_inference_tier_equal_reference(case, loaded):
+    """The front door's default wire form: raw pixels, normalized by the inference tier into
+    the model dtype, bit for bit the processor's values (one rounding, like vLLM's own path)."""
+    image = loaded[case]
+    ref, grid = reference(image)
+    raw = process_image(image, ProcessorConfig(), "uint8")
+    assert raw.grid_hw == grid and raw.pixel_values.dtype == np.uint8 and raw.pixel_values.flags.c_contiguous
+    for dtype in ("float32", "bfloat16", "float16"):
+        normalize = PixelNormalizer(ProcessorConfig().image_mean, ProcessorConfig().image_std, TORCH_DTYPES[dtype])
+        assert normalize.exact
+        got = normalize(torch.from_numpy(raw.pixel_values))
+        assert got.dtype == TORCH_DTYPES[dtype]
+        assert torch.equal(got, ref.to(TORCH_DTYPES[dtype]))
+    # The same image in another wire dtype is another tensor: another content hash.
+    assert raw.content_hash != process_image(image, ProcessorConfig(), "bfloat16").content_hash
+
+
+def test_uint8_normalization_per_channel_and_table_fallback(loaded):
+    ref, _ = reference(loaded["coffee"], CLIP)
+    raw = torch.from_numpy(process_image(loaded["coffee"], CLIP, "uint8").pixel_values)
+    normalize = PixelNormalizer(CLIP.image_mean, CLIP.image_std, torch.bfloat16)
+    assert torch.equal(normalize(raw), ref.to(torch.bfloat16))
+    normalize.exact = False  # the path taken if torch's arithmetic ever disagreed with the reference's
+    assert torch.equal(normalize(raw), ref.to(torch.bfloat16))
+
+
+def test_inference_tier_reads_mean_and_std_from_the_model(tmp_path):
+    assert read_normalization(str(tmp_path)) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(CLIP.image_mean),
+                                                                   "image_std": list(CLIP.image_std)}))
+    assert read_normalization(str(tmp_path)) == (CLIP.image_mean, CLIP.image_std)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_std": [0.5, 0, 0.5]}))
+    with pytest.raises(ValueError, match="std non-zero"):
+        read_normalization(str(tmp_path))
 
 
 def test_large_images_are_resized_to_the_token_limit(loaded):

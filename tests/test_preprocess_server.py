@@ -125,6 +125,17 @@ def test_bfloat16_is_the_default_wire_dtype(stubs, tiny_model):
     np.testing.assert_array_equal(got, local.pixel_values.astype(ml_dtypes.bfloat16))
 
 
+def test_uint8_gives_the_raw_pixel_patches(stubs, tiny_model):
+    pre, _ = stubs
+    r = preprocess(pre, conversation(image(data=COFFEE), text("hi")), dtype=types_pb2.TENSOR_DTYPE_UINT8)
+    t = r.prompt.images[0].pixel_values
+    assert t.dtype == types_pb2.TENSOR_DTYPE_UINT8
+    local = preprocess_image_bytes(COFFEE, ProcessorConfig.from_model_dir(str(tiny_model)), "uint8")
+    assert len(t.data) == local.pixel_values.size
+    np.testing.assert_array_equal(np.frombuffer(t.data, np.uint8).reshape(tuple(t.shape)), local.pixel_values)
+    assert r.prompt.images[0].content_hash == local.content_hash
+
+
 def test_raw_prompt_markers_take_images_in_order(stubs, tokenizer):
     pre, _ = stubs
     raw = types_pb2.RawPrompt(text="<|im_user|>user<|im_middle|>A <image> then <image>?<|im_end|>",

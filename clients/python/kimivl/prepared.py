@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from kimivl.limits import RequestError
 
-# TensorDtype enum value -> (name, bytes per element). 0 = unspecified = bfloat16.
-DTYPES = {0: ("bfloat16", 2), 1: ("bfloat16", 2), 2: ("float16", 2), 3: ("float32", 4)}
+# TensorDtype enum value -> (name, bytes per element). 0 = unspecified = bfloat16;
+# uint8 = raw pixel values, normalized by the inference tier.
+DTYPES = {0: ("bfloat16", 2), 1: ("bfloat16", 2), 2: ("float16", 2), 3: ("float32", 4), 4: ("uint8", 1)}
 PATCH = 14
 CHANNELS = 3
 MAX_HASH_LEN = 256

@@ -16,7 +16,7 @@ from .options import PRESETS_BY_NAME, Preset, lower_preset, pick_preset
 
 log = logging.getLogger("kimivl.engine")
 
-_TORCH_DTYPES = {0: "bfloat16", 1: "bfloat16", 2: "float16", 3: "float32"}
+_TORCH_DTYPES = {0: "bfloat16", 1: "bfloat16", 2: "float16", 3: "float32", 4: "uint8"}
 _OOM_HINTS = ("out of memory", "no available memory", "insufficient memory", "not enough memory",
               "cuda error: out of memory", "kv cache", "cannot allocate")
 
@@ -128,9 +128,10 @@ def reinit_dummy_weights(worker, seed: int = 0) -> dict:
     return {"params": n, "mla_layers_rederived": mla}
 
 
-def build_engine_input(prompt, model_dtype):
-    """A validated PreparedPrompt as vLLM's multimodal engine input, tensors not copied
-    (they are views of the message bytes unless a dtype cast is needed)."""
+def build_engine_input(prompt, model_dtype, normalizer=None):
+    """A validated PreparedPrompt as vLLM's multimodal engine input. Floating tensors are views
+    of the message bytes unless a dtype cast is needed; uint8 (raw pixel) tensors are
+    normalized by ``normalizer`` (a :class:`~kimivl_inference.pixels.PixelNormalizer`)."""
     import torch
     from transformers import BatchFeature
     from vllm.inputs.engine import mm_input
@@ -147,7 +148,12 @@ def build_engine_input(prompt, model_dtype):
         for img in prompt.images:
             t = img.pixel_values
             x = torch.frombuffer(t.data, dtype=getattr(torch, _TORCH_DTYPES[t.dtype])).view(*t.shape)
-            tensors.append(x.to(model_dtype))  # vLLM casts processor outputs to the model dtype too
+            if x.dtype == torch.uint8:
+                if normalizer is None:
+                    raise ValueError("uint8 pixel values need a PixelNormalizer")
+                tensors.append(normalizer(x))
+            else:
+                tensors.append(x.to(model_dtype))  # vLLM casts processor outputs to the model dtype too
     pixel_values = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
     grid = torch.tensor([[img.grid_height, img.grid_width] for img in prompt.images], dtype=torch.int64)
     hf = BatchFeature({"pixel_values": pixel_values, "image_grid_hws": grid})

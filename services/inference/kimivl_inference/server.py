@@ -26,6 +26,7 @@ from kimivl.v1 import inference_pb2
 
 from .engine import build_engine_input, reinit_dummy_weights, start_engine
 from .generation import GenerationStats, end_marker_token_ids, generate
+from .pixels import PixelNormalizer, read_normalization
 
 log = logging.getLogger("kimivl.inference")
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -52,6 +53,7 @@ class InferenceServicer:
         self.limits: PromptLimits | None = None
         self.end_marker_ids: list[int] = []
         self.model_dtype = None
+        self.normalizer: PixelNormalizer | None = None
         self.max_message_bytes = max_message_bytes
         self.on_engine_dead = None
 
@@ -64,6 +66,7 @@ class InferenceServicer:
                                    max_image_tokens=encoder_cache)
         self.end_marker_ids = end_marker_token_ids(tokenizer)
         self.model_dtype = mc.dtype
+        self.normalizer = PixelNormalizer(*read_normalization(mc.model), mc.dtype)
         self.engine = engine
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -86,7 +89,11 @@ class InferenceServicer:
                                    "at least one token must be left to generate")
             if not request.request_id:
                 request.request_id = uuid.uuid4().hex
-            engine_input = build_engine_input(request.prompt, self.model_dtype)
+            if request.prompt.images:  # tensor work (uint8 normalization) off the event loop
+                engine_input = await asyncio.to_thread(build_engine_input, request.prompt, self.model_dtype,
+                                                       self.normalizer)
+            else:
+                engine_input = build_engine_input(request.prompt, self.model_dtype)
             last = None
             async for msg in generate(self.engine, engine_input, request, max_model_len=self.limits.max_model_len,
                                       end_marker_ids=self.end_marker_ids, image_tokens=image_tokens, stats=stats):

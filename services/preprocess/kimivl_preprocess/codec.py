@@ -1,28 +1,88 @@
-"""Tensor codec: processed images to and from the wire (kimivl.v1.Tensor)."""
+"""Tensor codec: processed images to the wire (kimivl.v1.PreparedPrompt and the messages
+that carry it), and the identity of tensors received from clients.
+
+Patch tensors are megabytes. Setting them into protobuf messages copies them at every level
+(Tensor, PreparedImage, PreparedPrompt, then the enclosing request), and the Python upb
+runtime's copies of fields this large cost several milliseconds each under the GIL: ~25 ms
+for one 2 MP photo in bfloat16, serialized on the event loop (bench/wire_cost.py). So the
+small fields are built and serialized by protobuf as usual, while each tensor's bytes are
+framed as their length-delimited field by hand and joined once, straight from the numpy
+buffer, into the final message. The bytes parse as the same message (tests/test_codec.py).
+"""
 from __future__ import annotations
 
-import blake3
+from dataclasses import dataclass
 
-from kimivl.v1 import types_pb2
+import blake3
+import numpy as np
+
+from kimivl.v1 import inference_pb2, preprocess_pb2, types_pb2
 
 DTYPE_TO_PROTO = {
     "bfloat16": types_pb2.TENSOR_DTYPE_BFLOAT16,
     "float16": types_pb2.TENSOR_DTYPE_FLOAT16,
     "float32": types_pb2.TENSOR_DTYPE_FLOAT32,
+    "uint8": types_pb2.TENSOR_DTYPE_UINT8,
 }
 PROTO_TO_DTYPE = {v: k for k, v in DTYPE_TO_PROTO.items()}
 PROTO_TO_DTYPE[types_pb2.TENSOR_DTYPE_UNSPECIFIED] = "bfloat16"
 
+_LEN = 2  # protobuf wire type of length-delimited fields
 
-def prepared_image(processed, dtype: str, offset: int, length: int) -> types_pb2.PreparedImage:
-    """A ProcessedImage (kimivl_preprocess.image) as a PreparedImage message."""
-    pv = processed.pixel_values
-    h, w = processed.grid_hw
-    return types_pb2.PreparedImage(
-        pixel_values=types_pb2.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=list(pv.shape), data=pv.tobytes()),
-        grid_height=h, grid_width=w, placeholder_offset=offset, placeholder_length=length,
-        content_hash=processed.content_hash,
-    )
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, chunks: list) -> list:
+    """``chunks`` (bytes-like, together one encoded value) as length-delimited field ``number``."""
+    size = sum(len(c) for c in chunks)
+    return [_varint(number << 3 | _LEN) + _varint(size), *chunks]
+
+
+@dataclass
+class PromptWire:
+    """A PreparedPrompt in serialized form, as chunks that reference the tensors' buffers."""
+
+    chunks: list
+    images: int
+
+    @classmethod
+    def from_images(cls, token_ids, processed: list, dtype: str, placeholders: list) -> PromptWire:
+        """Token ids + ProcessedImages (kimivl_preprocess.image) with their (offset, length)."""
+        chunks = [types_pb2.PreparedPrompt(token_ids=token_ids).SerializeToString()]
+        for p, (offset, length) in zip(processed, placeholders, strict=True):
+            pv = p.pixel_values
+            tensor = [types_pb2.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=pv.shape).SerializeToString(),
+                      *_field(3, [memoryview(pv.reshape(-1).view(np.uint8))])]
+            h, w = p.grid_hw
+            rest = types_pb2.PreparedImage(grid_height=h, grid_width=w, placeholder_offset=offset,
+                                           placeholder_length=length, content_hash=p.content_hash)
+            chunks += _field(2, [*_field(1, tensor), rest.SerializeToString()])
+        return cls(chunks, len(processed))
+
+    @classmethod
+    def from_message(cls, prompt: types_pb2.PreparedPrompt) -> PromptWire:
+        return cls([prompt.SerializeToString()], len(prompt.images))
+
+    def message(self) -> types_pb2.PreparedPrompt:
+        """Parsed back (tests, in-process callers); copies every tensor."""
+        return types_pb2.PreparedPrompt.FromString(b"".join(self.chunks))
+
+
+def generate_request(prompt: PromptWire, **fields) -> bytes:
+    """A serialized GenerateRequest: ``prompt`` plus the other fields (sampling, thinking, …)."""
+    return b"".join([*_field(1, prompt.chunks), inference_pb2.GenerateRequest(**fields).SerializeToString()])
+
+
+def preprocess_response(prompt: PromptWire, **fields) -> bytes:
+    """A serialized PreprocessResponse: ``prompt`` plus the other fields."""
+    return b"".join([*_field(1, prompt.chunks), preprocess_pb2.PreprocessResponse(**fields).SerializeToString()])
 
 
 def tensor_content_hash(image: types_pb2.PreparedImage) -> str:

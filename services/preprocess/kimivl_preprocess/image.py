@@ -53,9 +53,11 @@ ALLOWED_IMAGE_FORMATS: tuple[str, ...] = (
 # vLLM's default VLLM_MAX_IMAGE_PIXELS (also twice Pillow's decompression-bomb warning level).
 DEFAULT_MAX_PIXELS = 178_956_970
 
-WIRE_DTYPES = ("bfloat16", "float16", "float32")
+# "uint8": the raw pixel values in patch layout, left for the inference tier to normalize
+# (half the bytes of bfloat16 on the wire; see TENSOR_DTYPE_UINT8 in the contract).
+WIRE_DTYPES = ("bfloat16", "float16", "float32", "uint8")
 _NUMPY_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
-                 "float32": np.dtype(np.float32)}  # fmt: skip
+                 "float32": np.dtype(np.float32), "uint8": np.dtype(np.uint8)}  # fmt: skip
 
 _BAND_LOOKUPS = 1 << 17  # table lookups per band: a band's index array (1 MiB) stays in cache
 _HASH_VERSION = b"kimivl-img/1"
@@ -125,7 +127,7 @@ class ProcessorConfig:
 class ProcessedImage:
     """One image as the engine takes it."""
 
-    pixel_values: np.ndarray  # (N, 3, patch, patch), wire dtype, C-contiguous
+    pixel_values: np.ndarray  # (N, 3, patch, patch), wire dtype (uint8: not normalized), C-contiguous
     grid_hw: tuple[int, int]  # patch rows, patch columns (both multiples of the merge kernel)
     content_hash: str  # "kimivl-img:" + blake3 hex of config, dtype, size and pixels
     merge_kernel_size: tuple[int, int] = (2, 2)
@@ -214,8 +216,6 @@ def process_image(image: Image.Image, config: ProcessorConfig, dtype: str = "bfl
     mh, mw = config.merge_kernel_size
     gh = -(-h // (mh * p)) * mh
     gw = -(-w // (mw * p)) * mw
-    table, offsets = _pair_table(config, dtype)
-    unit = 2 if p * p % 2 == 0 else 1  # bytes per lookup; a pair never straddles two channels
     hasher = blake3.blake3(b"%s|%s|%s|%d,%d|" % (_HASH_VERSION, config.fingerprint(), dtype.encode(), w, h))
     # patches[row, col, channel, y] holds the p bytes of one patch row; zero where padded.
     patch_row = np.dtype(f"V{p}")
@@ -236,6 +236,11 @@ def process_image(image: Image.Image, config: ProcessorConfig, dtype: str = "bfl
             pixels[fh, :fw, c, :rh] = plane[fh * p :, : fw * p].reshape(rh, fw, p).transpose(1, 0, 2)
             if rw:
                 pixels[fh, fw, c, :rh, :rw] = plane[fh * p :, fw * p :]
+    if wire == np.uint8:  # raw pixels: the inference tier normalizes them
+        return ProcessedImage(pixels.reshape(gh * gw, 3, p, p), (gh, gw), "kimivl-img:" + hasher.hexdigest(),
+                              config.merge_kernel_size)
+    table, offsets = _pair_table(config, dtype)
+    unit = 2 if p * p % 2 == 0 else 1  # bytes per lookup; a pair never straddles two channels
     codes = pixels.view(f"u{unit}").reshape(gh, gw, 3, -1)
     out = np.empty(codes.shape, table.dtype)
     band = max(1, _BAND_LOOKUPS // codes[0].size)  # patch rows per band: indices stay in cache

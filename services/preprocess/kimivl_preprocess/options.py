@@ -24,8 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length for prompt checks (default: the model config's)")
     p.add_argument("--max-message-mb", type=int, default=256, help="largest gRPC message in or out")
-    p.add_argument("--wire-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                   help="dtype of patch tensors sent to the inference tier")
+    p.add_argument("--wire-dtype", choices=["uint8", "bfloat16", "float16", "float32"], default="uint8",
+                   help="dtype of patch tensors sent to the inference tier: uint8 sends the raw pixels, half "
+                        "the bytes of bfloat16, and the inference tier normalizes them (same values)")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let image URLs reach private, loopback and link-local addresses")
     p.add_argument("--url-timeout-s", type=float, default=10.0)

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 from kimivl.limits import RequestError
 from kimivl.prepared import PromptLimits, check_prepared_prompt
-from kimivl.v1 import types_pb2
 
-from .codec import prepared_image, tensor_content_hash
+from .codec import PromptWire, tensor_content_hash
 from .image import ImageError, ProcessorConfig
 from .pool import ImagePool
 from .prompt import PromptBuilder, messages_from_proto, raw_prompt_images
@@ -23,7 +22,7 @@ from .sources import ImageFetcher
 
 @dataclass
 class Prepared:
-    prompt: types_pb2.PreparedPrompt
+    prompt: PromptWire  # serialized, tensors referenced (codec.py says why)
     prompt_text: str
     image_tokens: int
     preprocess_ms: float
@@ -85,10 +84,7 @@ class Preprocessor:
         if total > self.max_tensor_bytes:
             raise RequestError(f"the images make {total} bytes of tensors; the limit is {self.max_tensor_bytes}",
                                resource_exhausted=True)
-        prompt = types_pb2.PreparedPrompt(
-            token_ids=expanded.token_ids,
-            images=[prepared_image(p, dtype, off, length)
-                    for p, (off, length) in zip(processed, expanded.placeholders, strict=True)])
+        prompt = PromptWire.from_images(expanded.token_ids, processed, dtype, expanded.placeholders)
         return Prepared(prompt, text, sum(p.num_tokens for p in processed), (time.perf_counter() - t0) * 1e3)
 
     async def _image(self, field: str, image, dtype: str):
@@ -102,4 +98,4 @@ class Preprocessor:
         image_tokens = check_prepared_prompt(prompt, self.limits, field="prepared_prompt")
         for img in prompt.images:
             img.content_hash = tensor_content_hash(img)
-        return Prepared(prompt, "", image_tokens, (time.perf_counter() - t0) * 1e3)
+        return Prepared(PromptWire.from_message(prompt), "", image_tokens, (time.perf_counter() - t0) * 1e3)

@@ -1,9 +1,10 @@
 """The preprocessing tier's gRPC server: ChatService and PreprocessService.
 
 Transport only: requests are turned into prepared prompts by the pipeline, and Chat
-relays the inference tier's stream. Delta messages are relayed as raw bytes (ChatResponse
-and GenerateResponse share one wire layout); only the final result is parsed, to add
-this tier's preprocessing time.
+relays the inference tier's stream. Messages that carry patch tensors are serialized by
+the codec (straight from the numpy buffers); delta messages are relayed as raw bytes
+(ChatResponse and GenerateResponse share one wire layout); only the final result is
+parsed, to add this tier's preprocessing time.
 """
 from __future__ import annotations
 
@@ -27,10 +28,9 @@ from kimivl.v1 import (
     inference_pb2,
     inference_pb2_grpc,
     preprocess_pb2,
-    preprocess_pb2_grpc,
 )
 
-from .codec import PROTO_TO_DTYPE
+from .codec import PROTO_TO_DTYPE, generate_request, preprocess_response
 from .image import ProcessorConfig
 from .options import MiB
 from .pipeline import Preprocessor
@@ -89,11 +89,11 @@ class ChatServicer:
             check_sampling(request.sampling, request.thinking)
             with PREPROCESS_SECONDS.time():
                 prepared = await self.pre.prepare(request, self.wire_dtype)
-            IMAGES.inc(len(prepared.prompt.images))
+            IMAGES.inc(prepared.prompt.images)
             rid = request.request_id or uuid.uuid4().hex
             call = self.inference.Generate(
-                inference_pb2.GenerateRequest(prompt=prepared.prompt, sampling=request.sampling,
-                                              thinking=request.thinking, request_id=rid),
+                generate_request(prepared.prompt, sampling=request.sampling, thinking=request.thinking,
+                                 request_id=rid),
                 timeout=context.time_remaining(), wait_for_ready=False)
             first = True
             try:
@@ -138,7 +138,7 @@ class ChatServicer:
         return msg
 
 
-class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
+class PreprocessServicer:
     def __init__(self, preprocessor: Preprocessor):
         self.pre = preprocessor
 
@@ -147,9 +147,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         try:
             with PREPROCESS_SECONDS.time():
                 prepared = await self.pre.prepare(request, PROTO_TO_DTYPE[request.dtype])
-            IMAGES.inc(len(prepared.prompt.images))
-            return preprocess_pb2.PreprocessResponse(prompt=prepared.prompt, prompt_text=prepared.prompt_text,
-                                                     preprocess_ms=prepared.preprocess_ms)
+            IMAGES.inc(prepared.prompt.images)
+            return preprocess_response(prepared.prompt, prompt_text=prepared.prompt_text,
+                                       preprocess_ms=prepared.preprocess_ms)
         except RequestError as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.resource_exhausted else grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(e))
@@ -184,11 +184,9 @@ async def serve(args: argparse.Namespace) -> None:
         ("grpc.dns_min_time_between_resolutions_ms", 5_000),
     ])
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
-    # Deltas come back as raw bytes and are relayed untouched.
-    stub.Generate = channel.unary_stream(
-        f"/{INFERENCE_SERVICE}/Generate",
-        request_serializer=inference_pb2.GenerateRequest.SerializeToString,
-        response_deserializer=None)
+    # Requests go as the codec's bytes; deltas come back as raw bytes and are relayed untouched.
+    stub.Generate = channel.unary_stream(f"/{INFERENCE_SERVICE}/Generate", request_serializer=None,
+                                         response_deserializer=None)
 
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", max_msg),
@@ -201,7 +199,11 @@ async def serve(args: argparse.Namespace) -> None:
         "Chat": grpc.unary_stream_rpc_method_handler(
             chat.Chat, request_deserializer=chat_pb2.ChatRequest.FromString, response_serializer=_serialize),
     })])
-    preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server(PreprocessServicer(preprocessor), server)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(PREPROCESS_SERVICE, {
+        "Preprocess": grpc.unary_unary_rpc_method_handler(
+            PreprocessServicer(preprocessor).Preprocess, request_deserializer=preprocess_pb2.PreprocessRequest.FromString,
+            response_serializer=_serialize),
+    })])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
