@@ -9,11 +9,12 @@ set -eu -o pipefail
 if [ "${1:-}" = "--install" ]; then
   shift
   bash .gpu/device_install.sh
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  # vllm serve's extra wheels, grpcio 1.85 (the generated stubs need it; the image has 1.84), the
+  # health/reflection services, py-spy and this project's wheel (pip wheel --no-deps -w .whl .)
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
        VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 [ -f /tmp/kimivl/config.json ] || python3 .gpu/build_model_dir.py /tmp/kimivl > /dev/null
-[ -f clients/python/kimivl/v1/chat_pb2.py ] || python3 scripts/gen_protos.py
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 bench/serving.py --model /tmp/kimivl --out "$OUT" "$@"

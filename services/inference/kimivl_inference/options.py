@@ -66,3 +66,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM: how long in-flight streams may finish while new ones are refused")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-stats-interval-s", type=float, default=10.0,
+                   help="log vLLM's engine stats (running/waiting requests, throughput, KV cache use) this often, "
+                        "as `vllm serve` does (0 = off)")

@@ -205,8 +205,10 @@ async def serve(args) -> int:
                      time.perf_counter() - t0, preset.name if preset else "none", servicer.limits.max_model_len,
                      servicer.limits.max_image_tokens)
             watch = asyncio.create_task(_watch_engine(engine, engine_dead))
+            stats = asyncio.create_task(_log_stats(engine, args.log_stats_interval_s))
             await stop.wait()
             watch.cancel()
+            stats.cancel()
     if exit_code:
         log.error("stopping: the engine is not usable")
     else:
@@ -229,6 +231,18 @@ def _start(args):
     engine, preset = start_engine(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     return engine, tokenizer, preset
+
+
+async def _log_stats(engine, period_s: float):
+    """vLLM's periodic stats lines (as `vllm serve`): where requests wait, how busy the engine is."""
+    if period_s <= 0:
+        return
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            await engine.do_log_stats()
+        except Exception:  # noqa: BLE001 - stats must never take the server down
+            log.debug("do_log_stats failed", exc_info=True)
 
 
 async def _watch_engine(engine, on_dead, period_s: float = 1.0):
