@@ -605,6 +605,14 @@ class CeilingSystem:
         pre = Preprocessor(a.model, self.pool, self.fetcher, max_images=self.e["limit_images"],
                            max_model_len=self.e["max_model_len"])
         self.sender = lg.EngineSender(self.engine, pre, self.engine.model_config.dtype)
+        if a.ceiling_stats_interval_s > 0:  # vLLM's stats lines, as the inference tier's --log-stats-interval-s
+            self._stats = asyncio.create_task(self._log_stats(a.ceiling_stats_interval_s))
+
+    async def _log_stats(self, period_s: float):
+        while self.engine is not None:
+            await asyncio.sleep(period_s)
+            if self.engine is not None:
+                await self.engine.do_log_stats()
         self.info["preprocessing"] = (f"in-process kimivl_preprocess.Preprocessor ({self.pool.workers} threads) + "
                                       "kimivl_inference.engine.build_engine_input, before each phase, not timed")
 
@@ -617,6 +625,8 @@ class CeilingSystem:
                 "s": round(time.perf_counter() - t, 2)}
 
     async def stop(self, last_of_kind: bool):
+        if getattr(self, "_stats", None) is not None:
+            self._stats.cancel()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -1300,6 +1310,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vllm serve: load this project's vllm.general_plugins entry (its HF processor) or not; "
                         "auto = only with --cpu (the tiny model needs it; a real checkpoint brings its own)")
     p.add_argument("--ours-inference-args", default="", help="extra flags for kimivl serve inference")
+    p.add_argument("--ceiling-stats-interval-s", type=float, default=0.0,
+                   help="log vLLM's engine stats in the ceiling this often (0 = off; for ours pass "
+                        "--log-stats-interval-s in --ours-inference-args)")
     p.add_argument("--ours-preprocess-args", default="", help="extra flags for kimivl serve preprocess")
     p.add_argument("--no-chunks", action="store_true", help="leave per-message token times out of results.json")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", help="merge results.json files into --out")
