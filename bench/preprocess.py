@@ -7,8 +7,10 @@ side in interleaved rounds so that a noisy machine hurts all three alike (median
   reference  the Kimi-VL processor's steps written straightforwardly in numpy (float32
              image, pad, normalize, patchify) and cast to bfloat16: the seed's way
   ours       ``preprocess_image_bytes(data, config, "bfloat16")``
+  ours uint8 ``preprocess_image_bytes(data, config, "uint8")``: the raw patches the front door
+             sends by default (the inference tier normalizes them)
 
-and checks ours == reference bit for bit on every image. Then images/s on a mixed batch with
+and checks ours == reference bit for bit on every image (uint8: after the normalization). Then images/s on a mixed batch with
 the pipeline inline, in ImagePool (threads) and, for comparison, in a pool of worker
 processes (forkserver; patches returned as bytes and rebuilt with np.frombuffer).
 Prints markdown for docs/benchmarks.md. Needs only the preprocess + dev extras (no torch).
@@ -35,6 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import imagedata  # noqa: E402
+from kimivl_inference.pixels import reference_table  # noqa: E402 - numpy only, no torch
 from kimivl_preprocess.image import ProcessorConfig, preprocess_image_bytes, target_size  # noqa: E402
 from kimivl_preprocess.pool import ImagePool  # noqa: E402
 
@@ -73,8 +76,9 @@ def images() -> list[tuple[str, bytes]]:
 
 def per_image(config: ProcessorConfig) -> list[str]:
     rows = [
-        "| image | pixels | sent as | floor ms | reference ms | ours ms | of which resize ms | ours/floor | ours/reference |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| image | pixels | sent as | floor ms | reference ms | ours ms | ours uint8 ms | of which resize ms |"
+        " ours/floor | ours uint8/floor | ours/reference |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, data in images():
         image = floor(data)
@@ -83,11 +87,16 @@ def per_image(config: ProcessorConfig) -> list[str]:
         ref = reference(data, config)
         if not np.array_equal(ours.pixel_values.view(np.uint16), ref.view(np.uint16)):
             raise SystemExit(f"MISMATCH on {name}: ours != reference cast to bfloat16")
+        raw = preprocess_image_bytes(data, config, "uint8").pixel_values  # normalized by the inference tier
+        table = reference_table(config.image_mean, config.image_std).astype(ml_dtypes.bfloat16)
+        if not np.array_equal(table[np.arange(3)[None, :, None, None], raw].view(np.uint16), ref.view(np.uint16)):
+            raise SystemExit(f"MISMATCH on {name}: uint8 patches, normalized, != reference")
         resize = partial(image.resize, size, Image.Resampling.BICUBIC) if size != image.size else None
         runs = {
             "floor": partial(floor, data),
             "reference": partial(reference, data, config),
             "ours": partial(preprocess_image_bytes, data, config, "bfloat16"),
+            "uint8": partial(preprocess_image_bytes, data, config, "uint8"),
             **({"resize": resize} if resize else {}),
         }
         timings: dict[str, list[float]] = {key: [] for key in runs}
@@ -100,8 +109,8 @@ def per_image(config: ProcessorConfig) -> list[str]:
         resize_ms = f"{ms['resize']:.1f}" if resize else "-"
         rows.append(
             f"| {name} | {image.width}x{image.height} | {size[0]}x{size[1]} | {ms['floor']:.1f} |"
-            f" {ms['reference']:.1f} | {ms['ours']:.1f} | {resize_ms} | {ms['ours'] / ms['floor']:.2f} |"
-            f" {ms['ours'] / ms['reference']:.2f} |"
+            f" {ms['reference']:.1f} | {ms['ours']:.1f} | {ms['uint8']:.1f} | {resize_ms} |"
+            f" {ms['ours'] / ms['floor']:.2f} | {ms['uint8'] / ms['floor']:.2f} | {ms['ours'] / ms['reference']:.2f} |"
         )
         print(rows[-1], file=sys.stderr, flush=True)
     return rows

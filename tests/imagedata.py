@@ -202,7 +202,7 @@ DECODABLE: dict[str, Callable[[], bytes]] = {
     "palette_trns": palette_trns_png,
     "LA": la_png,
     "RGBA": rgba_png,
-    **{f"exif_orientation_{o}": (lambda o=o: exif_jpeg(o)) for o in (3, 6, 8)},
+    **{f"exif_orientation_{o}": (lambda o=o: exif_jpeg(o)) for o in (1, 2, 3, 5, 6, 7, 8, 9)},
     "animated_gif": animated_gif,
     **{f"rgb_{w}x{h}": (lambda w=w, h=h: sized_png(w, h)) for w, h in ((1, 1), (13, 13), (29, 57), (57, 29))},
 }

@@ -338,9 +338,15 @@ def test_content_hash_is_stable_and_distinct(loaded):
     first = preprocess_image_bytes(data, ProcessorConfig()).content_hash
     assert first.startswith("kimivl-img:") and len(first) == len("kimivl-img:") + 64
     assert preprocess_image_bytes(data, ProcessorConfig()).content_hash == first
-    hashes = {preprocess_image_bytes(make(), ProcessorConfig()).content_hash for make in imagedata.DECODABLE.values()}
-    hashes |= {process_image(loaded[case], ProcessorConfig()).content_hash for case in ("28x56", "2000x1900", "12MP")}
-    assert len(hashes) == len(imagedata.DECODABLE) + 3
+    results = [preprocess_image_bytes(make(), ProcessorConfig()) for make in imagedata.DECODABLE.values()]
+    results += [process_image(loaded[case], ProcessorConfig()) for case in ("28x56", "2000x1900", "12MP")]
+    # Same patches, same hash (EXIF orientations 1 and 9 leave the image as it is); different
+    # patches, different hashes.
+    hashes_by_patches: dict = {}
+    for r in results:
+        hashes_by_patches.setdefault((r.grid_hw, r.pixel_values.tobytes()), set()).add(r.content_hash)
+    assert all(len(h) == 1 for h in hashes_by_patches.values())
+    assert len(set.union(*hashes_by_patches.values())) == len(hashes_by_patches) >= len(results) - 2
 
 
 def test_content_hash_separates_what_the_engine_could_confuse():

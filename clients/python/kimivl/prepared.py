@@ -32,8 +32,12 @@ class PromptLimits:
     max_image_tokens: int | None = None
 
 
-def check_prepared_prompt(prompt, limits: PromptLimits, field: str = "prompt") -> int:
-    """Raise RequestError on the first violation; return the count of image tokens."""
+def check_prepared_prompt(prompt, limits: PromptLimits, field: str = "prompt", tensor_data: list | None = None) -> int:
+    """Raise RequestError on the first violation; return the count of image tokens.
+
+    Reading a bytes field copies it (megabytes per image), so a caller that needs the tensors'
+    bytes next passes ``tensor_data``: each image's ``pixel_values.data`` is appended to it.
+    """
     import numpy as np
 
     ids = np.asarray(prompt.token_ids, dtype=np.int64)
@@ -70,8 +74,11 @@ def check_prepared_prompt(prompt, limits: PromptLimits, field: str = "prompt") -
                                f"for a {h}x{w} grid")
         size = DTYPES[t.dtype][1]
         expect_bytes = h * w * CHANNELS * PATCH * PATCH * size
-        if len(t.data) != expect_bytes:
-            raise RequestError(f"{f}.pixel_values.data is {len(t.data)} bytes; shape and dtype need {expect_bytes}")
+        data = t.data
+        if len(data) != expect_bytes:
+            raise RequestError(f"{f}.pixel_values.data is {len(data)} bytes; shape and dtype need {expect_bytes}")
+        if tensor_data is not None:
+            tensor_data.append(data)
         tokens = h * w // (mh * mw)
         if limits.max_image_tokens is not None and tokens > limits.max_image_tokens:
             raise RequestError(f"{f} has {tokens} image tokens; the engine's encoder cache holds "

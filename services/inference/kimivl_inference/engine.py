@@ -128,10 +128,11 @@ def reinit_dummy_weights(worker, seed: int = 0) -> dict:
     return {"params": n, "mla_layers_rederived": mla}
 
 
-def build_engine_input(prompt, model_dtype, normalizer=None):
+def build_engine_input(prompt, model_dtype, normalizer=None, tensor_data: list | None = None):
     """A validated PreparedPrompt as vLLM's multimodal engine input. Floating tensors are views
-    of the message bytes unless a dtype cast is needed; uint8 (raw pixel) tensors are
-    normalized by ``normalizer`` (a :class:`~kimivl_inference.pixels.PixelNormalizer`)."""
+    of the message bytes (``tensor_data``: each image's ``pixel_values.data``, already read by
+    the validation; read here if None) unless a dtype cast is needed; uint8 (raw pixel) tensors
+    are normalized by ``normalizer`` (a :class:`~kimivl_inference.pixels.PixelNormalizer`)."""
     import torch
     from transformers import BatchFeature
     from vllm.inputs.engine import mm_input
@@ -145,9 +146,10 @@ def build_engine_input(prompt, model_dtype, normalizer=None):
     tensors = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it
-        for img in prompt.images:
+        for i, img in enumerate(prompt.images):
             t = img.pixel_values
-            x = torch.frombuffer(t.data, dtype=getattr(torch, _TORCH_DTYPES[t.dtype])).view(*t.shape)
+            data = tensor_data[i] if tensor_data is not None else t.data
+            x = torch.frombuffer(data, dtype=getattr(torch, _TORCH_DTYPES[t.dtype])).view(*t.shape)
             if x.dtype == torch.uint8:
                 if normalizer is None:
                     raise ValueError("uint8 pixel values need a PixelNormalizer")

@@ -78,7 +78,8 @@ class InferenceServicer:
             if self.engine is None:
                 raise EngineNotReady()
             check_sampling(request.sampling, request.thinking)
-            image_tokens = check_prepared_prompt(request.prompt, self.limits)
+            tensor_data: list[bytes] = []
+            image_tokens = check_prepared_prompt(request.prompt, self.limits, tensor_data=tensor_data)
             n = len(request.prompt.token_ids)
             if request.sampling.HasField("max_tokens") and n + request.sampling.max_tokens > self.limits.max_model_len:
                 raise RequestError(f"the prompt ({n} tokens) plus sampling.max_tokens "
@@ -91,7 +92,7 @@ class InferenceServicer:
                 request.request_id = uuid.uuid4().hex
             if request.prompt.images:  # tensor work (uint8 normalization) off the event loop
                 engine_input = await asyncio.to_thread(build_engine_input, request.prompt, self.model_dtype,
-                                                       self.normalizer)
+                                                       self.normalizer, tensor_data)
             else:
                 engine_input = build_engine_input(request.prompt, self.model_dtype)
             last = None

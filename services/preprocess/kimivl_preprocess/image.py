@@ -24,7 +24,8 @@ cast are a lookup table computed once with the reference's float32 arithmetic an
 dtype's own cast (ml_dtypes for bfloat16). Pillow extracts each colour plane in C, numpy
 regroups 14-byte patch rows into patch order (zeros where padded), and then, band by band so
 the indices stay in cache, one ``np.take`` maps *pairs* of bytes (a 65536-entry table)
-straight into the output: no float image is ever materialized.
+straight into the output: no float image is ever materialized. The "uint8" wire dtype (the
+front door's default) stops before the lookup: the inference tier normalizes the raw patches.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from io import BytesIO
 import blake3
 import ml_dtypes
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 # vllm.multimodal.image.ALLOWED_IMAGE_FORMATS (vLLM 0.32): in-process raster decoders only.
 ALLOWED_IMAGE_FORMATS: tuple[str, ...] = (
@@ -59,6 +60,7 @@ WIRE_DTYPES = ("bfloat16", "float16", "float32", "uint8")
 _NUMPY_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
                  "float32": np.dtype(np.float32), "uint8": np.dtype(np.uint8)}  # fmt: skip
 
+_TURNING_ORIENTATIONS = frozenset(range(2, 9))  # EXIF orientations exif_transpose acts on
 _BAND_LOOKUPS = 1 << 17  # table lookups per band: a band's index array (1 MiB) stays in cache
 _HASH_VERSION = b"kimivl-img/1"
 
@@ -161,7 +163,11 @@ def load_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         )
     try:
         with suppress(Exception):
-            image = ImageOps.exif_transpose(image)
+            # = vLLM's ``ImageOps.exif_transpose(image)``, whose errors it ignores too, without the
+            # full copy of the pixels it returns when there is nothing to turn (most images).
+            image.load()
+            if image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNING_ORIENTATIONS:
+                image = ImageOps.exif_transpose(image)
         image.load()
         return _to_rgb(image)
     except MemoryError:
