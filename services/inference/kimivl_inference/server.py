@@ -41,6 +41,8 @@ ANSWER_TOKENS = Counter("kimivl_answer_tokens_total", "Generated answer tokens")
 RUNNING = Gauge("kimivl_requests_running", "Requests generating (first token out)")
 WAITING = Gauge("kimivl_requests_waiting", "Requests admitted, waiting for their first token")
 ERRORS = Counter("kimivl_request_errors_total", "Failed requests by gRPC status code", ["code"])
+# vLLM may turn prefix caching off whatever was asked (e.g. MLA models on CPUs without AMX).
+PREFIX_CACHING = Gauge("kimivl_engine_prefix_caching", "1 when the engine's prefix cache is on")
 
 
 class EngineNotReady(Exception):
@@ -54,6 +56,7 @@ class InferenceServicer:
         self.end_marker_ids: list[int] = []
         self.model_dtype = None
         self.normalizer: PixelNormalizer | None = None
+        self.prefix_caching = False
         self.max_message_bytes = max_message_bytes
         self.on_engine_dead = None
 
@@ -66,6 +69,9 @@ class InferenceServicer:
                                    max_image_tokens=encoder_cache)
         self.end_marker_ids = end_marker_token_ids(tokenizer)
         self.model_dtype = mc.dtype
+        cache = getattr(getattr(engine, "vllm_config", None), "cache_config", None)
+        self.prefix_caching = bool(cache is not None and cache.enable_prefix_caching)
+        PREFIX_CACHING.set(int(self.prefix_caching))
         self.normalizer = PixelNormalizer(*read_normalization(mc.model), mc.dtype)
         self.engine = engine
 
@@ -202,9 +208,10 @@ async def serve(args) -> int:
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
             for name in ("", INFERENCE_SERVICE):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s); SERVING",
-                     time.perf_counter() - t0, preset.name if preset else "none", servicer.limits.max_model_len,
-                     servicer.limits.max_image_tokens)
+            log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s, prefix caching %s); "
+                     "SERVING", time.perf_counter() - t0, preset.name if preset else "none",
+                     servicer.limits.max_model_len, servicer.limits.max_image_tokens,
+                     "on" if servicer.prefix_caching else "off")
             watch = asyncio.create_task(_watch_engine(engine, engine_dead))
             stats = asyncio.create_task(_log_stats(engine, args.log_stats_interval_s))
             await stop.wait()
