@@ -113,27 +113,27 @@ def test_interleaved_images_become_placeholder_runs_and_tensors(stubs, tokenizer
     assert r.prompt.images[0].content_hash != r.prompt.images[1].content_hash
 
 
-def test_bfloat16_is_the_default_wire_dtype(stubs, tiny_model):
-    import ml_dtypes
-
+@pytest.mark.parametrize(("asked", "sent", "local_dtype"), [
+    (types_pb2.TENSOR_DTYPE_UNSPECIFIED, types_pb2.TENSOR_DTYPE_BFLOAT16, "bfloat16"),  # the default
+    (types_pb2.TENSOR_DTYPE_UINT8, types_pb2.TENSOR_DTYPE_UINT8, "uint8"),  # raw pixel patches
+])
+def test_patches_in_the_asked_dtype(stubs, tiny_model, asked, sent, local_dtype):
     pre, _ = stubs
-    r = preprocess(pre, conversation(image(data=ASTRONAUT), text("hi")), dtype=types_pb2.TENSOR_DTYPE_UNSPECIFIED)
+    r = preprocess(pre, conversation(image(data=ASTRONAUT), text("hi")), dtype=asked)
     t = r.prompt.images[0].pixel_values
-    assert t.dtype == types_pb2.TENSOR_DTYPE_BFLOAT16
-    local = preprocess_image_bytes(ASTRONAUT, ProcessorConfig.from_model_dir(str(tiny_model)), "float32")
-    got = np.frombuffer(t.data, dtype=ml_dtypes.bfloat16).reshape(tuple(t.shape))
-    np.testing.assert_array_equal(got, local.pixel_values.astype(ml_dtypes.bfloat16))
-
-
-def test_uint8_gives_the_raw_pixel_patches(stubs, tiny_model):
-    pre, _ = stubs
-    r = preprocess(pre, conversation(image(data=COFFEE), text("hi")), dtype=types_pb2.TENSOR_DTYPE_UINT8)
-    t = r.prompt.images[0].pixel_values
-    assert t.dtype == types_pb2.TENSOR_DTYPE_UINT8
-    local = preprocess_image_bytes(COFFEE, ProcessorConfig.from_model_dir(str(tiny_model)), "uint8")
-    assert len(t.data) == local.pixel_values.size
-    np.testing.assert_array_equal(np.frombuffer(t.data, np.uint8).reshape(tuple(t.shape)), local.pixel_values)
+    assert t.dtype == sent
+    local = preprocess_image_bytes(ASTRONAUT, ProcessorConfig.from_model_dir(str(tiny_model)), local_dtype)
+    assert t.data == local.pixel_values.tobytes() and list(t.shape) == list(local.pixel_values.shape)
     assert r.prompt.images[0].content_hash == local.content_hash
+
+
+def test_unknown_dtype_is_invalid_argument(stubs):
+    pre, _ = stubs
+    with pytest.raises(grpc.RpcError) as e:
+        preprocess(pre, conversation(image(data=ASTRONAUT), text("hi")), dtype=99)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dtype" in e.value.details() and "99" in e.value.details()
+    assert preprocess(pre, conversation(text("still there?"))).prompt.token_ids
 
 
 def test_raw_prompt_markers_take_images_in_order(stubs, tokenizer):

@@ -3,8 +3,8 @@ that carry it), and the identity of tensors received from clients.
 
 Patch tensors are megabytes. Setting them into protobuf messages copies them at every level
 (Tensor, PreparedImage, PreparedPrompt, then the enclosing request), and the Python upb
-runtime's copies of fields this large cost several milliseconds each under the GIL: ~25 ms
-for one 2 MP photo in bfloat16, serialized on the event loop (bench/wire_cost.py). So the
+runtime's copies of fields this large cost milliseconds each under the GIL: 13-30 ms for one
+2 MP photo in bfloat16, on the event loop (bench/wire_cost.py: 12.9x the codec's time). So the
 small fields are built and serialized by protobuf as usual, while each tensor's bytes are
 framed as their length-delimited field by hand and joined once, straight from the numpy
 buffer, into the final message. The bytes parse as the same message (tests/test_codec.py).
@@ -85,13 +85,14 @@ def preprocess_response(prompt: PromptWire, **fields) -> bytes:
     return b"".join([*_field(1, prompt.chunks), preprocess_pb2.PreprocessResponse(**fields).SerializeToString()])
 
 
-def tensor_content_hash(image: types_pb2.PreparedImage) -> str:
+def tensor_content_hash(image: types_pb2.PreparedImage, data: bytes | None = None) -> str:
     """Identity of an image received as a tensor: its bytes, dtype and grid.
 
     Used for client-supplied prepared prompts, whose own hashes are not trusted (a wrong
-    one would let a request read another image's cached encoder output).
+    one would let a request read another image's cached encoder output). ``data``: the
+    tensor's bytes if already read (each read of a bytes field copies it).
     """
     t = image.pixel_values
     h = blake3.blake3(f"{PROTO_TO_DTYPE[t.dtype]}:{image.grid_height}x{image.grid_width}:".encode())
-    h.update(t.data)
+    h.update(t.data if data is None else data)
     return "kimivl-tensor:" + h.hexdigest()

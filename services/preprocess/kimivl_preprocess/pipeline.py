@@ -95,7 +95,8 @@ class Preprocessor:
             raise RequestError(f"{field}: {e}", resource_exhausted=e.too_large) from None
 
     def _take_prepared(self, prompt, t0: float) -> Prepared:
-        image_tokens = check_prepared_prompt(prompt, self.limits, field="prepared_prompt")
-        for img in prompt.images:
-            img.content_hash = tensor_content_hash(img)
+        tensor_data: list[bytes] = []
+        image_tokens = check_prepared_prompt(prompt, self.limits, field="prepared_prompt", tensor_data=tensor_data)
+        for img, data in zip(prompt.images, tensor_data, strict=True):
+            img.content_hash = tensor_content_hash(img, data)
         return Prepared(PromptWire.from_message(prompt), "", image_tokens, (time.perf_counter() - t0) * 1e3)

@@ -28,6 +28,7 @@ from kimivl.v1 import (
     inference_pb2,
     inference_pb2_grpc,
     preprocess_pb2,
+    types_pb2,
 )
 
 from .codec import PROTO_TO_DTYPE, generate_request, preprocess_response
@@ -146,7 +147,11 @@ class PreprocessServicer:
         code = grpc.StatusCode.OK
         try:
             with PREPROCESS_SECONDS.time():
-                prepared = await self.pre.prepare(request, PROTO_TO_DTYPE[request.dtype])
+                dtype = PROTO_TO_DTYPE.get(request.dtype)
+                if dtype is None:  # proto3 enums are open: any number can arrive
+                    raise RequestError(f"dtype {request.dtype} is not a TensorDtype; use one of "
+                                       f"{', '.join(types_pb2.TensorDtype.keys())}")
+                prepared = await self.pre.prepare(request, dtype)
             IMAGES.inc(prepared.prompt.images)
             return preprocess_response(prepared.prompt, prompt_text=prepared.prompt_text,
                                        preprocess_ms=prepared.preprocess_ms)
