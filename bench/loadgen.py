@@ -574,6 +574,37 @@ def tree_cpu_seconds(pids) -> float:
     return total
 
 
+def cpu_seconds_by_process(roles: dict[str, int]) -> dict[int, tuple[str, float]]:
+    """pid -> (label, user+system CPU seconds) for these process trees (alive now). A root is
+    labelled with its role, a child with ``role › its name`` (vLLM titles its engine core
+    ``VLLM::EngineCore``): where a system's CPU goes, process by process."""
+    import psutil
+
+    out = {}
+    for role, pid in roles.items():
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for q in procs:
+            try:
+                t = q.cpu_times()
+                label = role if q.pid == pid else f"{role} › {q.name()}"
+                out[q.pid] = (label, t.user + t.system)
+            except psutil.Error:
+                pass
+    return out
+
+
+def cpu_delta_by_label(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds between two ``cpu_seconds_by_process`` readings, summed per label."""
+    out: dict[str, float] = {}
+    for pid, (label, s) in after.items():
+        out[label] = out.get(label, 0.0) + s - before.get(pid, (label, 0.0))[1]
+    return out
+
+
 # ---------------------------------------------------------------------------- statistics
 def pct(values, q: float):
     v = sorted(x for x in values if x is not None)

@@ -459,6 +459,11 @@ class OursSystem:
     def pids(self):
         return [p.pid for p in (self.inf_proc(), self.pre) if p is not None]
 
+    @property
+    def roles(self):
+        return {role: p.pid for role, p in (("inference tier", self.inf_proc()), ("front door", self.pre))
+                if p is not None}
+
     def inf_proc(self):
         s = OursSystem.shared_inference
         return s["proc"] if s else None
@@ -531,6 +536,10 @@ class VllmSystem:
     def pids(self):
         return [self.proc.pid]
 
+    @property
+    def roles(self):
+        return {"vllm serve": self.proc.pid}
+
     async def start(self):
         a = self.args
         self.port = free_port()
@@ -580,6 +589,10 @@ class CeilingSystem:
     def pids(self):
         return [os.getpid()]
 
+    @property
+    def roles(self):
+        return {"bench": os.getpid()}  # load generator + AsyncLLM's frontend; the engine core is a child
+
     async def start(self):
         a = self.args
         os.environ.update({k: v for k, v in child_env(a.cpu).items()
@@ -605,6 +618,8 @@ class CeilingSystem:
         pre = Preprocessor(a.model, self.pool, self.fetcher, max_images=self.e["limit_images"],
                            max_model_len=self.e["max_model_len"])
         self.sender = lg.EngineSender(self.engine, pre, self.engine.model_config.dtype)
+        self.info["preprocessing"] = (f"in-process kimivl_preprocess.Preprocessor ({self.pool.workers} threads) + "
+                                      "kimivl_inference.engine.build_engine_input, before each phase, not timed")
         if a.ceiling_stats_interval_s > 0:  # vLLM's stats lines, as the inference tier's --log-stats-interval-s
             self._stats = asyncio.create_task(self._log_stats(a.ceiling_stats_interval_s))
 
@@ -613,8 +628,6 @@ class CeilingSystem:
             await asyncio.sleep(period_s)
             if self.engine is not None:
                 await self.engine.do_log_stats()
-        self.info["preprocessing"] = (f"in-process kimivl_preprocess.Preprocessor ({self.pool.workers} threads) + "
-                                      "kimivl_inference.engine.build_engine_input, before each phase, not timed")
 
     async def reinit(self):
         t = time.perf_counter()
@@ -843,6 +856,7 @@ class Bench:
         if limit_s is not None:
             phase_limit = min(phase_limit, limit_s)
         cpu0, own0 = lg.tree_cpu_seconds(sysobj.pids), time.process_time()
+        by_proc0 = lg.cpu_seconds_by_process(sysobj.roles)
         w0 = time.perf_counter()
         kw = {"timeout_s": a.request_timeout_s, "limit_s": phase_limit}
         if ph["pattern"] == "burst":
@@ -856,6 +870,7 @@ class Bench:
             t0 = await lg.run_sequential(sysobj.sender, payloads, recs, **kw)
         w1 = time.perf_counter()
         server_cpu = lg.tree_cpu_seconds(sysobj.pids) - cpu0
+        by_proc = lg.cpu_delta_by_label(by_proc0, lg.cpu_seconds_by_process(sysobj.roles))
         own_cpu = time.process_time() - own0
         del payloads
         jrecs = [r.to_json(t0, keep_chunks=not a.no_chunks) for r in recs]
@@ -867,6 +882,8 @@ class Bench:
         summary["loadgen_cpu_pct"] = round(100 * own_cpu / max(w1 - w0, 1e-9), 1)
         if sysobj.d["kind"] != "ceiling":
             summary["server_cpu_s_per_req"] = round(server_cpu / max(1, len(recs)), 4)
+        # Per process (the ceiling's engine core is this process's child): which one does the work.
+        summary["cpu_s_per_req_by_process"] = {k: round(v / max(1, len(recs)), 4) for k, v in sorted(by_proc.items())}
         return {"workload": w, "phase": ph["phase"], "pattern": ph["pattern"], "rate": ph.get("rate"),
                 "concurrency": ph.get("concurrency"), "n": ph["n"], "spec": spec, "payload_sha256": sha,
                 "prepare_s": prep_s, "summary": summary, "records": jrecs}
@@ -1055,6 +1072,11 @@ def markdown(results: dict) -> str:
                          f"{_f(m.get('out_tok_per_s'), 1)} | {m.get('ok')} | {m.get('errors')} | "
                          f"{_f(m.get('cpu_util_pct'), 0)} | {_f(m.get('gpu_util_pct'), 0)} | "
                          f"{_f(m.get('prompt_tokens_mean'), 0)} | {_f(m.get('server_cpu_s_per_req'), 3)} |")
+        by_proc = [f"{s}: " + ", ".join(f"{k} {v:.3f}" for k, v in ph["summary"]["cpu_s_per_req_by_process"].items()
+                                          if v >= 0.0005)
+                   for s, ph in rows if ph["summary"].get("cpu_s_per_req_by_process")]
+        if by_proc:
+            lines += ["", "CPU s/req by process: " + "; ".join(by_proc)]
         errs = [f"{s}: {ph['summary']['error_examples']}" for s, ph in rows if ph["summary"].get("error_examples")]
         if errs:
             lines += ["", "errors: " + "; ".join(errs)]

@@ -208,10 +208,10 @@ async def serve(args) -> int:
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
             for name in ("", INFERENCE_SERVICE):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s, prefix caching %s); "
-                     "SERVING", time.perf_counter() - t0, preset.name if preset else "none",
+            log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s, prefix caching %s, "
+                     "torch threads here %d); SERVING", time.perf_counter() - t0, preset.name if preset else "none",
                      servicer.limits.max_model_len, servicer.limits.max_image_tokens,
-                     "on" if servicer.prefix_caching else "off")
+                     "on" if servicer.prefix_caching else "off", _torch_threads())
             watch = asyncio.create_task(_watch_engine(engine, engine_dead))
             stats = asyncio.create_task(_log_stats(engine, args.log_stats_interval_s))
             await stop.wait()
@@ -237,8 +237,18 @@ def _start(args):
     from transformers import AutoTokenizer
 
     engine, preset = start_engine(args)
+    if args.torch_threads > 0:  # after the engine core process exists: it keeps its own thread count
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     return engine, tokenizer, preset
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 async def _log_stats(engine, period_s: float):
