@@ -36,6 +36,7 @@ import datetime as dt
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import platform
 import shlex
@@ -621,6 +622,10 @@ class CeilingSystem:
         self.info["preprocessing"] = (f"in-process kimivl_preprocess.Preprocessor ({self.pool.workers} threads) + "
                                       "kimivl_inference.engine.build_engine_input, before each phase, not timed")
         if a.ceiling_stats_interval_s > 0:  # vLLM's stats lines, as the inference tier's --log-stats-interval-s
+            os.makedirs(self.log_dir, exist_ok=True)  # ... also in a log of their own, for servers.log
+            self._stats_log = logging.FileHandler(os.path.join(self.log_dir, "ceiling-stats.log"))
+            self._stats_log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            logging.getLogger("vllm").addHandler(self._stats_log)
             self._stats = asyncio.create_task(self._log_stats(a.ceiling_stats_interval_s))
 
     async def _log_stats(self, period_s: float):
@@ -640,6 +645,8 @@ class CeilingSystem:
     async def stop(self, last_of_kind: bool):
         if getattr(self, "_stats", None) is not None:
             self._stats.cancel()
+            logging.getLogger("vllm").removeHandler(self._stats_log)
+            self._stats_log.close()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -1253,8 +1260,11 @@ def collect_logs(out: str, keep_head: int = 150, keep_tail: int = 250) -> None:
             lines = open(os.path.join(d, name), errors="replace").read().splitlines()
             dst.write(f"===== {name} ({len(lines)} lines) =====\n")
             if len(lines) > keep_head + keep_tail:
-                lines = lines[:keep_head] + [f"... {len(lines) - keep_head - keep_tail} lines left out ..."] + \
-                    lines[-keep_tail:]
+                # vLLM's periodic stats lines (running/waiting, throughput) are kept from the middle too
+                middle = lines[keep_head:-keep_tail]
+                stats = [x for x in middle if "Avg prompt throughput" in x]
+                lines = lines[:keep_head] + [f"... {len(middle) - len(stats)} lines left out; vLLM's stats lines "
+                                             "kept ..."] + stats + ["..."] + lines[-keep_tail:]
             dst.write("\n".join(lines) + "\n")
             os.remove(os.path.join(d, name))
     with contextlib.suppress(OSError):
