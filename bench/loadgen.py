@@ -273,7 +273,7 @@ class VllmSender:
 
         if self.session is None:
             self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0),  # < uvicorn's 5 s: never reuse a closed one
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=30))
         return self.session
 

@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import gzip
 import importlib.metadata
 import importlib.util
 import json
@@ -1283,7 +1284,8 @@ def report(results: dict, out: str) -> None:
 def merge(paths: list[str], out: str) -> None:
     merged = {"schema": 1, "invocations": [], "runs": []}
     for p in paths:
-        r = json.load(open(p))
+        with (gzip.open(p, "rt") if p.endswith(".gz") else open(p)) as f:  # docs keep them gzipped
+            r = json.load(f)
         base = len(merged["invocations"])
         merged["invocations"] += r["invocations"]
         for run in r["runs"]:

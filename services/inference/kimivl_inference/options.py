@@ -66,11 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM: how long in-flight streams may finish while new ones are refused")
     p.add_argument("--log-level", default="info")
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="CPU threads of this process's own tensor work (normalizing uint8 patches, one request per "
-                        "worker thread), set once the engine has started so its engine core keeps vLLM's setting. "
-                        "torch's default, a thread per core for every call, spins them all and takes CPU from the "
-                        "engine core, whose one thread launches all the GPU's work (0 = torch's default)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="CPU threads of this process's own tensor work (normalizing uint8 patches); 0 = torch's "
+                        "default, a thread per core. Applied once the engine has started, so the engine core keeps "
+                        "vLLM's setting. Lower it where the container's CPU limit is below the host's core count")
     p.add_argument("--log-stats-interval-s", type=float, default=10.0,
                    help="log vLLM's engine stats (running/waiting requests, throughput, KV cache use) this often, "
                         "as `vllm serve` does (0 = off)")
