@@ -83,6 +83,10 @@ class InferenceServicer:
         try:
             if self.engine is None:
                 raise EngineNotReady()
+            # Headers now, not with the first token: the front door's upload gate takes them as
+            # "received". Not before the UNAVAILABLE above: headers commit the call, and gRPC
+            # would no longer retry it on another replica.
+            await context.send_initial_metadata(())
             check_sampling(request.sampling, request.thinking)
             tensor_data: list[bytes] = []
             image_tokens = check_prepared_prompt(request.prompt, self.limits, tensor_data=tensor_data)

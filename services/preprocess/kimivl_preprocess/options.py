@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wire-dtype", choices=["uint8", "bfloat16", "float16", "float32"], default="uint8",
                    help="dtype of patch tensors sent to the inference tier: uint8 sends the raw pixels, half "
                         "the bytes of bfloat16, and the inference tier normalizes them (same values)")
+    p.add_argument("--inference-uploads", type=int, default=4,
+                   help="prepared prompts uploading to the inference tier at once, the rest queued in arrival "
+                        "order: a burst sent all at once shares the connection, and the first request "
+                        "arrives only when nearly all have (0 = no limit)")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let image URLs reach private, loopback and link-local addresses")
     p.add_argument("--url-timeout-s", type=float, default=10.0)

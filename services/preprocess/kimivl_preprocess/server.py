@@ -37,6 +37,7 @@ from .options import MiB
 from .pipeline import Preprocessor
 from .pool import ImagePool
 from .sources import FetchPolicy, ImageFetcher
+from .uploads import UploadGate
 
 log = logging.getLogger("kimivl.preprocess")
 
@@ -49,6 +50,9 @@ REQUESTS = Counter("kimivl_preprocess_requests_total", "RPCs by method and gRPC 
 PREPROCESS_SECONDS = Histogram("kimivl_preprocess_seconds", "Image fetch/decode/processing and tokenization",
                                buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 IMAGES = Counter("kimivl_preprocess_images_total", "Images preprocessed")
+UPLOAD_SECONDS = Histogram("kimivl_preprocess_upload_seconds",
+                           "Chat: handing the prepared prompt to the inference tier, its queue included",
+                           buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5))
 CHAT_TTFT = Histogram("kimivl_chat_time_to_first_token_seconds", "Chat: arrival to first relayed token",
                       buckets=(.025, .05, .1, .25, .5, 1, 2, 4, 8, 16, 32))
 
@@ -77,11 +81,12 @@ def _serialize(msg) -> bytes:
 
 class ChatServicer:
     def __init__(self, preprocessor: Preprocessor, inference: inference_pb2_grpc.InferenceServiceStub,
-                 target: str, wire_dtype: str):
+                 target: str, wire_dtype: str, uploads: UploadGate | None = None):
         self.pre = preprocessor
         self.inference = inference
         self.target = target
         self.wire_dtype = wire_dtype
+        self.uploads = uploads or UploadGate(0)
 
     async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
@@ -92,10 +97,11 @@ class ChatServicer:
                 prepared = await self.pre.prepare(request, self.wire_dtype)
             IMAGES.inc(prepared.prompt.images)
             rid = request.request_id or uuid.uuid4().hex
-            call = self.inference.Generate(
-                generate_request(prepared.prompt, sampling=request.sampling, thinking=request.thinking,
-                                 request_id=rid),
-                timeout=context.time_remaining(), wait_for_ready=False)
+            message = generate_request(prepared.prompt, sampling=request.sampling, thinking=request.thinking,
+                                       request_id=rid)
+            with UPLOAD_SECONDS.time():
+                call = await self.uploads.start(lambda: self.inference.Generate(
+                    message, timeout=context.time_remaining(), wait_for_ready=False))
             first = True
             try:
                 async for raw in call:
@@ -199,7 +205,8 @@ async def serve(args: argparse.Namespace) -> None:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ])
-    chat = ChatServicer(preprocessor, stub, args.inference_target, args.wire_dtype)
+    chat = ChatServicer(preprocessor, stub, args.inference_target, args.wire_dtype,
+                        UploadGate(args.inference_uploads))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(CHAT_SERVICE, {
         "Chat": grpc.unary_stream_rpc_method_handler(
             chat.Chat, request_deserializer=chat_pb2.ChatRequest.FromString, response_serializer=_serialize),
