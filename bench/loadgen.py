@@ -556,22 +556,7 @@ class Samplers:
 
 def tree_cpu_seconds(pids) -> float:
     """User+system CPU seconds of these processes and all their children (alive now)."""
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            procs = [p, *p.children(recursive=True)]
-        except psutil.Error:
-            continue
-        for q in procs:
-            try:
-                t = q.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-    return total
+    return sum(sec for _, sec in cpu_seconds_by_process({str(p): p for p in pids}).values())
 
 
 def cpu_seconds_by_process(roles: dict[str, int]) -> dict[int, tuple[str, float]]:
