@@ -30,7 +30,7 @@ def _jpeg():
 
 @pytest.fixture
 def own_tiers(tiny_model):
-    inf = start_inference()
+    inf = start_inference(extra=["--torch-threads", "1"])
     pre = None
     try:
         # The port answers at once, NOT_SERVING until the engine is ready.
@@ -65,6 +65,11 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(own_tiers):
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     prefix_caching = re.search(r"^kimivl_engine_prefix_caching (\S+)$", text, re.M)
     assert prefix_caching is not None
+    # The start-up line says the same, and that --torch-threads took (the engine core keeps its own).
+    ready = re.search(r"engine ready in .*prefix caching (on|off), torch threads here (\d+)\)", inf.tail(400))
+    assert ready is not None, inf.tail(40)
+    assert ready.group(1) == ("on" if float(prefix_caching.group(1)) == 1 else "off")
+    assert ready.group(2) == "1"
     with Client(pre.target, timeout_s=120) as c:
         c.chat(["Cache me", image], sampling={"max_tokens": 2})
         again = c.chat(["Cache me", image], sampling={"max_tokens": 2})
