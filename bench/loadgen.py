@@ -554,11 +554,6 @@ class Samplers:
                 self._smi.kill()
 
 
-def tree_cpu_seconds(pids) -> float:
-    """User+system CPU seconds of these processes and all their children (alive now)."""
-    return sum(sec for _, sec in cpu_seconds_by_process({str(p): p for p in pids}).values())
-
-
 def cpu_seconds_by_process(roles: dict[str, int]) -> dict[int, tuple[str, float]]:
     """pid -> (label, user+system CPU seconds) for these process trees (alive now). A root is
     labelled with its role, a child with ``role › its name`` (vLLM titles its engine core

@@ -458,10 +458,6 @@ class OursSystem:
         self.info = {}
 
     @property
-    def pids(self):
-        return [p.pid for p in (self.inf_proc(), self.pre) if p is not None]
-
-    @property
     def roles(self):
         return {role: p.pid for role, p in (("inference tier", self.inf_proc()), ("front door", self.pre))
                 if p is not None}
@@ -535,10 +531,6 @@ class VllmSystem:
         self.info = {}
 
     @property
-    def pids(self):
-        return [self.proc.pid]
-
-    @property
     def roles(self):
         return {"vllm serve": self.proc.pid}
 
@@ -586,10 +578,6 @@ class CeilingSystem:
         self.d, self.args, self.e, self.log_dir = sysdef, args, ecfg, log_dir
         self.info = {}
         self.engine = None
-
-    @property
-    def pids(self):
-        return [os.getpid()]
 
     @property
     def roles(self):
@@ -863,8 +851,7 @@ class Bench:
         phase_limit = a.phase_limit_s if ph["pattern"] != "poisson" else ph["n"] / ph["rate"] + a.drain_s
         if limit_s is not None:
             phase_limit = min(phase_limit, limit_s)
-        cpu0, own0 = lg.tree_cpu_seconds(sysobj.pids), time.process_time()
-        by_proc0 = lg.cpu_seconds_by_process(sysobj.roles)
+        by_proc0, own0 = lg.cpu_seconds_by_process(sysobj.roles), time.process_time()
         w0 = time.perf_counter()
         kw = {"timeout_s": a.request_timeout_s, "limit_s": phase_limit}
         if ph["pattern"] == "burst":
@@ -877,8 +864,8 @@ class Bench:
         else:
             t0 = await lg.run_sequential(sysobj.sender, payloads, recs, **kw)
         w1 = time.perf_counter()
-        server_cpu = lg.tree_cpu_seconds(sysobj.pids) - cpu0
         by_proc = lg.cpu_delta_by_label(by_proc0, lg.cpu_seconds_by_process(sysobj.roles))
+        server_cpu = sum(by_proc.values())
         own_cpu = time.process_time() - own0
         del payloads
         jrecs = [r.to_json(t0, keep_chunks=not a.no_chunks) for r in recs]
