@@ -425,16 +425,21 @@ async def run_burst(sender, payloads, recs, *, timeout_s, limit_s=None) -> float
     return t0
 
 
-async def run_closed(sender, payloads, recs, *, concurrency, timeout_s, limit_s=None) -> float:
+async def run_closed(sender, payloads, recs, *, concurrency, timeout_s, limit_s=None, stagger_s=0.0) -> float:
+    """``concurrency`` streams, each sending its next request when the last one ends. Stream k
+    starts at k/concurrency x ``stagger_s``: streams of fixed-length requests started together
+    stay in phase, and each wave then arrives as a burst (TTFT measures the waves, not the system)."""
     t0 = time.perf_counter()
     it = iter(range(len(payloads)))
+    n = max(1, concurrency)
 
-    async def worker():
+    async def worker(k: int):
+        await asyncio.sleep(k * stagger_s / n)
         for i in it:
             recs[i].t_sched = time.perf_counter() - t0
             await _one(sender, payloads[i], recs[i], timeout_s)
 
-    await _finish([asyncio.ensure_future(worker()) for _ in range(max(1, concurrency))], limit_s)
+    await _finish([asyncio.ensure_future(worker(k)) for k in range(n)], limit_s)
     return t0
 
 

@@ -89,7 +89,7 @@ WORKLOADS = {
     "photos": {"n": 300, "mp": "1,2", "tokens": 16, "rates": "4,8,12,16", "duration_s": 10.0},
     "documents": {"n": 0, "size": "1600x1200", "tokens": 32, "rates": "4,7,10,13", "duration_s": 10.0},
     "small": {"n": 300, "side": 512, "tokens": 16},
-    "decode": {"n": 128, "concurrency": 64, "mp": "1,2", "tokens": 512},
+    "decode": {"n": 512, "concurrency": 64, "mp": "1,2", "tokens": 512, "stagger_s": 8.0},
     "multi": {"n": 64, "images": 4, "mp": "0.5,1", "tokens": 128},
     "idle": {"n": 20, "mp": "1,2", "tokens": 16},
 }
@@ -97,7 +97,7 @@ CPU_WORKLOADS = {
     "photos": {"n": 6, "mp": "0.04,0.08", "tokens": 4, "rates": "1,2", "duration_s": 5.0},
     "documents": {"n": 0, "size": "448x336", "tokens": 4, "rates": "0.5,1", "duration_s": 6.0},
     "small": {"n": 6, "side": 224, "tokens": 4},
-    "decode": {"n": 4, "concurrency": 4, "mp": "0.04,0.08", "tokens": 32},
+    "decode": {"n": 4, "concurrency": 4, "mp": "0.04,0.08", "tokens": 32, "stagger_s": 0.0},
     "multi": {"n": 4, "images": 4, "mp": "0.02,0.04", "tokens": 8},
     "idle": {"n": 4, "mp": "0.04,0.08", "tokens": 4},
 }
@@ -109,6 +109,8 @@ HELP = {
     "duration_s": "seconds of arrivals per Poisson rate", "size": "page size WxH",
     "side": "square image side", "concurrency": "concurrent streams (closed loop)",
     "images": "photos per request",
+    "stagger_s": "closed loop: stream k starts at k/concurrency x this; about one request's duration "
+                 "keeps fixed-length streams from running in phase (0 = all at once)",
 }
 ENGINE_GPU = {"max_num_seqs": 256, "max_model_len": 16384, "max_num_batched_tokens": 8192,
               "gpu_memory_utilization": 0.85, "dtype": "bfloat16", "prefix_caching": True,
@@ -268,7 +270,7 @@ def phases_of(w: str, spec: dict) -> list[dict]:
     elif w == "decode":
         c = spec["concurrency"]
         out.append({"phase": f"closed@{c}", "pattern": "closed", "concurrency": c, "n": spec["n"],
-                    "make": photo_req(f"closed@{c}", spec["mp"], spec["tokens"])})
+                    "stagger_s": float(spec["stagger_s"]), "make": photo_req(f"closed@{c}", spec["mp"], spec["tokens"])})
     elif w == "multi":
         lo, hi = _range(spec["mp"])
 
@@ -857,7 +859,8 @@ class Bench:
         if ph["pattern"] == "burst":
             t0 = await lg.run_burst(sysobj.sender, payloads, recs, **kw)
         elif ph["pattern"] == "closed":
-            t0 = await lg.run_closed(sysobj.sender, payloads, recs, concurrency=ph["concurrency"], **kw)
+            t0 = await lg.run_closed(sysobj.sender, payloads, recs, concurrency=ph["concurrency"],
+                                     stagger_s=ph["stagger_s"], **kw)
         elif ph["pattern"] == "poisson":
             t0 = await lg.run_poisson(sysobj.sender, payloads, recs, rate=ph["rate"],
                                       seed=_seed(w, ph["phase"], "arrivals"), **kw)
@@ -1270,14 +1273,23 @@ def report(results: dict, out: str) -> None:
 
 def merge(paths: list[str], out: str) -> None:
     merged = {"schema": 1, "invocations": [], "runs": []}
-    for p in paths:
+    for spec in paths:
+        # FILE#TAG names that file's ours systems "ours:N TAG", to set runs of the tiers with
+        # different flags side by side (the ceiling and vllm serve keep their names)
+        p, _, tag = spec.partition("#")
         with (gzip.open(p, "rt") if p.endswith(".gz") else open(p)) as f:  # docs keep them gzipped
             r = json.load(f)
         base = len(merged["invocations"])
         merged["invocations"] += r["invocations"]
         for run in r["runs"]:
             run["invocation"] = run.get("invocation", 0) + base
+            if tag and run["kind"] == "ours":
+                run["system"] = f"{run['system']} {tag}"
             merged["runs"].append(run)
+    cells = [(run["system"], ph["workload"], ph["phase"]) for run in merged["runs"] for ph in run["phases"]]
+    clashes = sorted({c for c in cells if cells.count(c) > 1})
+    if clashes:  # the tables keep one phase per cell: say so rather than drop one
+        raise SystemExit(f"--merge: {clashes[:3]} measured in more than one file; tag one (FILE#TAG)")
     for w in merge_warnings(merged):
         log("WARNING:", w)
     os.makedirs(out, exist_ok=True)
@@ -1336,7 +1348,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--log-stats-interval-s in --ours-inference-args)")
     p.add_argument("--ours-preprocess-args", default="", help="extra flags for kimivl serve preprocess")
     p.add_argument("--no-chunks", action="store_true", help="leave per-message token times out of results.json")
-    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", help="merge results.json files into --out")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="merge results.json files into --out; FILE#TAG renames that file's ours systems 'ours:N TAG'")
     g = p.add_argument_group("workloads (GPU defaults shown; --cpu has tiny ones)")
     for w, spec in WORKLOADS.items():
         for k, v in spec.items():
