@@ -7,6 +7,10 @@ UploadGate (kimivl_preprocess.uploads), side by side in one run.
 The server notes each request's arrival and answers with headers at once, as the inference
 tier does. A burst that all uploads at once shares the connection frame by frame, so the
 first request arrives when nearly all have and the engine idles until then.
+
+This server answers at once; the real inference tier answers when its event loop gets to the
+request, and on the H200 that made a limit of 4 cost a burst 18 % of its throughput (the front
+door's default is therefore no limit; docs/benchmarks.md).
 """
 from __future__ import annotations
 

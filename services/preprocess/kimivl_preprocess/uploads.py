@@ -10,6 +10,11 @@ photos left ours ~1.3 s behind the engine ceiling.
 An upload is over when the inference tier's initial metadata arrives: it sends it on receipt
 of a request, before any token. A tier that does not (older versions send it with the first
 token) holds a slot for at most ``max_wait_s``.
+
+Off by default (``--inference-uploads 0``). On the H200 the inference tier's event loop, busy
+with the burst it has, answers late, so a slot stays taken ~0.24 s: with 4 slots a burst of 300
+1 MP photos ran at 16.5 req/s, with no limit at 20.3 and the engine alone at 20.2 (the loopback
+server of ``bench/upload_order.py`` answers at once, which is why it showed only the gain).
 """
 from __future__ import annotations
 
