@@ -1,12 +1,14 @@
 """The front door's upload gate against a real gRPC server on loopback: a slot frees when the
 server's headers arrive (not at the first message), after max_wait_s when they don't, in
 arrival order, and a caller that leaves cancels its call."""
+import argparse
 import asyncio
 import time
 
 import grpc
 import pytest
 
+from kimivl_preprocess.options import add_arguments
 from kimivl_preprocess.uploads import UploadGate
 
 METHOD = "/test.Upload/Stream"
@@ -121,3 +123,13 @@ async def test_no_limit_starts_every_call_at_once(loopback):
     calls = [await gate.start(lambda i=i: stream(f"late:{i}".encode())) for i in range(3)]
     srv.release.set()
     assert [await _read_all(c) for c in calls] == [[b"done:0"], [b"done:1"], [b"done:2"]]
+
+
+def test_the_option_defaults_to_no_limit_and_refuses_a_negative_one(capsys):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--model", "m"]).inference_uploads == 0
+    assert p.parse_args(["--model", "m", "--inference-uploads", "4"]).inference_uploads == 4
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model", "m", "--inference-uploads", "-1"])
+    assert "--inference-uploads: must be >= 0" in capsys.readouterr().err

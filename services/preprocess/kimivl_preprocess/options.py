@@ -7,6 +7,13 @@ import argparse
 MiB = 1 << 20
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no limit), got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=50051)
@@ -27,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wire-dtype", choices=["uint8", "bfloat16", "float16", "float32"], default="uint8",
                    help="dtype of patch tensors sent to the inference tier: uint8 sends the raw pixels, half "
                         "the bytes of bfloat16, and the inference tier normalizes them (same values)")
-    p.add_argument("--inference-uploads", type=int, default=0,
+    p.add_argument("--inference-uploads", type=_non_negative_int, default=0,
                    help="prepared prompts uploading to the inference tier at once, the rest queued in arrival "
                         "order (0 = no limit). A slot is freed when the inference tier acknowledges the "
                         "request, which waits on its event loop: on the H200 a limit of 4 cut a photo "

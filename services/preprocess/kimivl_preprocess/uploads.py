@@ -1,20 +1,18 @@
-"""First come, first served uploads of prepared prompts to the inference tier.
+"""An optional limit on prepared prompts uploading to the inference tier at once, in arrival order.
 
 A photo's patches are megabytes. Sent all at once over one HTTP/2 connection, the messages
-of a burst share its bandwidth frame by frame, so each arrives only when nearly all have
-and the engine waits for the whole burst before its first prefill: 100 messages of 5 MB on
-loopback, the first arrived after 268 ms, the tenth after 348 ms; with 4 in flight at a time,
-after 27 and 80 ms, and the last one sooner too (433 vs 634 ms). On the H200, a burst of 300
-photos left ours ~1.3 s behind the engine ceiling.
+of a burst share its bandwidth frame by frame, so each arrives only when nearly all have:
+100 messages of 5 MB on a loopback server that answers at once, the first arrived after 268 ms;
+with 4 in flight at a time, after 27 ms (``bench/upload_order.py``).
 
 An upload is over when the inference tier's initial metadata arrives: it sends it on receipt
 of a request, before any token. A tier that does not (older versions send it with the first
 token) holds a slot for at most ``max_wait_s``.
 
-Off by default (``--inference-uploads 0``). On the H200 the inference tier's event loop, busy
-with the burst it has, answers late, so a slot stays taken ~0.24 s: with 4 slots a burst of 300
-1 MP photos ran at 16.5 req/s, with no limit at 20.3 and the engine alone at 20.2 (the loopback
-server of ``bench/upload_order.py`` answers at once, which is why it showed only the gain).
+Off by default (``--inference-uploads 0``): the real inference tier answers when its event
+loop gets to the request. On the H200, busy with a burst of 300 1 MP photos, that took ~0.24 s
+a slot, so with 4 slots the burst ran at 16.5 req/s; with no limit at 20.3, the engine alone
+at 20.2 (docs/benchmarks.md, runs e and g).
 """
 from __future__ import annotations
 
