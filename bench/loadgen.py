@@ -600,6 +600,54 @@ def pct(values, q: float):
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
+def engine_steps(recs: list[dict], *, gap_s: float = 0.0015, skip_s: float = 0.0) -> dict | None:
+    """Engine steps as the client sees them, from the records' per-message token times.
+
+    One engine step hands a token to every running request at once, so the client receives a
+    step's tokens within a millisecond or so, and steps are >= ~6 ms apart on the GPU: tokens
+    closer than gap_s belong to one step. A step that delivers some request's first token is one
+    that ran a prefill (and the vision encoder); how many first tokens it delivers is how many
+    prefills the engine batched into it. This names where decode time goes without a profiler:
+    whether prefills run one per step or batched, and what share of the wall they take.
+    The window runs from skip_s after the first token (leave out a ramp-up) to the last first
+    token (after it the engine only drains). None without chunks."""
+    events = []
+    for r in recs:
+        if r.get("error") is not None or not r.get("chunks") or r.get("t_send") is None:
+            continue
+        for i, (t, _n) in enumerate(r["chunks"]):
+            events.append((r["t_send"] + t, i == 0))
+    if len(events) < 2:
+        return None
+    events.sort()
+    steps = []  # [start time, first tokens delivered]
+    for t, first in events:
+        if steps and t - steps[-1][2] <= gap_s:
+            steps[-1][1] += first
+            steps[-1][2] = t
+        else:
+            steps.append([t, int(first), t])
+    t_lo = events[0][0] + skip_s
+    t_hi = max(s[0] for s in steps if s[1] > 0) if any(s[1] for s in steps) else steps[-1][0]
+    # A step's duration: from the previous step's delivery to this one's (what the step cost).
+    durs = [(b[0] - a[0], b[1]) for a, b in zip(steps, steps[1:], strict=False) if t_lo <= b[0] <= t_hi]
+    if not durs:
+        return None
+    wall = sum(d for d, _ in durs)
+    pre = [n for _, n in durs if n > 0]
+    plain = [d for d, n in durs if n == 0]
+    decode = pct(plain, .5) if plain else None
+    # Time beyond a plain decode step, summed over all steps: what the prefills stalled the streams.
+    stall = sum(max(0.0, d - decode) for d, _ in durs) if decode is not None else None
+    return {
+        "steps": len(durs), "wall_s": round(wall, 3), "prefills": sum(pre),
+        "prefills_per_prefill_step": round(sum(pre) / len(pre), 2) if pre else None,
+        "decode_step_ms_p50": None if decode is None else round(decode * 1e3, 2),
+        "stall_share": None if stall is None or not wall else round(stall / wall, 3),
+        "stall_ms_per_prefill": round(stall / sum(pre) * 1e3, 1) if stall is not None and pre else None,
+    }
+
+
 def summarize(recs: list[dict], *, offered_rate: float | None = None) -> dict:
     """Summary of one phase from its JSON records (times relative to the phase start)."""
     ok = [r for r in recs if r["error"] is None and r["n_tokens"] > 0]

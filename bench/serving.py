@@ -771,6 +771,9 @@ class Bench:
                     limit = None
                     if budget:
                         limit = max(10.0, budget - (time.perf_counter() - t_work))
+                    if self.a.deadline_s:  # a phase begun before the deadline's last 20 s must end by then
+                        left = self.a.deadline_s - 10 - (time.perf_counter() - T0)
+                        limit = left if limit is None else min(limit, left)
                     res = await self.run_phase(sysobj, w, spec, ph, limit)
                     run["phases"].append(res)
                     self.save()
@@ -873,6 +876,8 @@ class Bench:
         del payloads
         jrecs = [r.to_json(t0, keep_chunks=not a.no_chunks) for r in recs]
         summary = lg.summarize(jrecs, offered_rate=ph.get("rate"))
+        if ph["pattern"] == "closed":  # steps stand apart only below saturation, as in the decode loop
+            summary["engine_steps"] = lg.engine_steps(jrecs, skip_s=ph.get("stagger_s") or 0.0)
         await self.samplers.settle(w1)
         summary.update(self.samplers.window(w0, w1))
         summary["wall_s"] = round(w1 - w0, 3)
@@ -1078,6 +1083,21 @@ def markdown(results: dict) -> str:
         errs = [f"{s}: {ph['summary']['error_examples']}" for s, ph in rows if ph["summary"].get("error_examples")]
         if errs:
             lines += ["", "errors: " + "; ".join(errs)]
+        lines.append("")
+    steps = [(w, p, s, latest[(s, w, p)]["summary"]["engine_steps"]) for w, p in _phase_order(results)
+             for s in systems if (latest.get((s, w, p)) or {}).get("summary", {}).get("engine_steps")]
+    if steps:
+        lines += ["## Engine steps as the client sees them (closed loops; `loadgen.engine_steps`)", "",
+                  "Tokens of one step reach every stream within ~1 ms; a step that delivers a first token ran "
+                  "a prefill (vision encoder + prompt). Stall = a step's time beyond a plain decode step's p50, "
+                  "summed: what prefills cost the running streams. Window: after the ramp-up, to the last "
+                  "first token.", "",
+                  "| workload / phase | system | steps | prefills | prefills / prefill step | decode step p50 ms "
+                  "| stall ms / prefill | stall share of wall |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for w, p, s, st in steps:
+            lines.append(f"| {w} / {p} | {s} | {st['steps']} | {st['prefills']} | "
+                         f"{_f(st['prefills_per_prefill_step'])} | {_f(st['decode_step_ms_p50'])} | "
+                         f"{_f(st['stall_ms_per_prefill'], 1)} | {_f(st['stall_share'])} |")
         lines.append("")
     sus = sustained(results, slo)
     if sus:
