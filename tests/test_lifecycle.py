@@ -66,7 +66,7 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(own_tiers):
     prefix_caching = re.search(r"^kimivl_engine_prefix_caching (\S+)$", text, re.M)
     assert prefix_caching is not None
     # The start-up line says the same, and that --torch-threads took (the engine core keeps its own).
-    ready = re.search(r"engine ready in .*prefix caching (on|off), torch threads here (\d+)\)", inf.tail(400))
+    ready = re.search(r"engine ready in .*prefix caching (on|off), torch threads here (\d+)[,)]", inf.tail(400))
     assert ready is not None, inf.tail(40)
     assert ready.group(1) == ("on" if float(prefix_caching.group(1)) == 1 else "off")
     assert ready.group(2) == "3"

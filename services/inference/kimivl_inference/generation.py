@@ -50,9 +50,11 @@ def sampling_params(sampling, max_tokens: int):
 
 
 async def generate(engine, engine_input, request, *, max_model_len: int, end_marker_ids: list[int],
-                   image_tokens: int, stats: GenerationStats) -> AsyncIterator[inference_pb2.GenerateResponse]:
-    """Yield GenerateResponse messages: deltas, then one result."""
-    t0 = time.perf_counter()
+                   image_tokens: int, stats: GenerationStats,
+                   arrived_s: float | None = None) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    """Yield GenerateResponse messages: deltas, then one result. Timings count from
+    ``arrived_s`` (``time.perf_counter()`` at the request's arrival; now if None)."""
+    t0 = time.perf_counter() if arrived_s is None else arrived_s
     prompt_len = len(request.prompt.token_ids)
     sampling, thinking = request.sampling, request.thinking
     max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else max_model_len - prompt_len

@@ -24,6 +24,7 @@ from kimivl.limits import RequestError, check_sampling
 from kimivl.prepared import PromptLimits, check_prepared_prompt
 from kimivl.v1 import inference_pb2
 
+from .admission import PrefillGrouper
 from .engine import build_engine_input, reinit_dummy_weights, start_engine
 from .generation import GenerationStats, end_marker_token_ids, generate
 from .pixels import PixelNormalizer, read_normalization
@@ -34,6 +35,9 @@ MiB = 1 << 20
 
 TTFT = Histogram("kimivl_time_to_first_token_seconds", "Arrival at the inference tier to first token",
                  buckets=(.01, .025, .05, .1, .25, .5, 1, 2, 4, 8, 16, 32))
+PREFILL_HOLD = Histogram("kimivl_prefill_hold_seconds",
+                         "Time image requests were held to reach the engine together (--prefill-window-ms)",
+                         buckets=(.001, .0025, .005, .01, .02, .04, .08, .16, .32))
 ITL = Histogram("kimivl_inter_token_latency_seconds", "Time between generated tokens",
                 buckets=(.001, .0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.28))
 THINKING_TOKENS = Counter("kimivl_thinking_tokens_total", "Generated tokens inside thinking segments")
@@ -50,8 +54,11 @@ class EngineNotReady(Exception):
 
 
 class InferenceServicer:
-    def __init__(self, max_message_bytes: int):
+    def __init__(self, max_message_bytes: int, prefill_window_s: float = 0.0):
         self.engine = None
+        self.prefill_window_s = prefill_window_s
+        self.grouper: PrefillGrouper | None = None
+        self.in_engine = 0  # requests handed to the engine and not finished
         self.limits: PromptLimits | None = None
         self.end_marker_ids: list[int] = []
         self.model_dtype = None
@@ -73,9 +80,13 @@ class InferenceServicer:
         self.prefix_caching = bool(cache is not None and cache.enable_prefix_caching)
         PREFIX_CACHING.set(int(self.prefix_caching))
         self.normalizer = PixelNormalizer(*read_normalization(mc.model), mc.dtype)
+        sched = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+        self.grouper = PrefillGrouper(self.prefill_window_s,
+                                      getattr(sched, "max_num_batched_tokens", None) or mc.max_model_len)
         self.engine = engine
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        arrived = time.perf_counter()
         code = None
         stats = GenerationStats()
         WAITING.inc()
@@ -105,16 +116,23 @@ class InferenceServicer:
                                                        self.normalizer, tensor_data)
             else:
                 engine_input = build_engine_input(request.prompt, self.model_dtype)
+            if request.prompt.images and self.grouper.enabled:
+                PREFILL_HOLD.observe(await self.grouper.admit(n, engine_busy=self.in_engine > 0))
             last = None
-            async for msg in generate(self.engine, engine_input, request, max_model_len=self.limits.max_model_len,
-                                      end_marker_ids=self.end_marker_ids, image_tokens=image_tokens, stats=stats):
-                if state == "waiting" and stats.first_token_s is not None:
-                    WAITING.dec()
-                    RUNNING.inc()
-                    state = "running"
-                    TTFT.observe(stats.first_token_s)
-                last = msg
-                yield msg
+            self.in_engine += 1
+            try:
+                async for msg in generate(self.engine, engine_input, request, max_model_len=self.limits.max_model_len,
+                                          end_marker_ids=self.end_marker_ids, image_tokens=image_tokens, stats=stats,
+                                          arrived_s=arrived):
+                    if state == "waiting" and stats.first_token_s is not None:
+                        WAITING.dec()
+                        RUNNING.inc()
+                        state = "running"
+                        TTFT.observe(stats.first_token_s)
+                    last = msg
+                    yield msg
+            finally:
+                self.in_engine -= 1
             u = last.result.usage
             THINKING_TOKENS.inc(u.thinking_tokens)
             ANSWER_TOKENS.inc(u.answer_tokens)
@@ -160,7 +178,7 @@ async def serve(args) -> int:
         ("grpc.max_connection_age_ms", 5 * 60_000),
         ("grpc.max_connection_age_grace_ms", 60 * 60_000),
     ])
-    servicer = InferenceServicer(max_msg)
+    servicer = InferenceServicer(max_msg, args.prefill_window_ms / 1e3)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(INFERENCE_SERVICE, {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate, request_deserializer=inference_pb2.GenerateRequest.FromString,
@@ -213,9 +231,10 @@ async def serve(args) -> int:
             for name in ("", INFERENCE_SERVICE):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s, prefix caching %s, "
-                     "torch threads here %d); SERVING", time.perf_counter() - t0, preset.name if preset else "none",
-                     servicer.limits.max_model_len, servicer.limits.max_image_tokens,
-                     "on" if servicer.prefix_caching else "off", _torch_threads())
+                     "torch threads here %d, prefill window %s); SERVING", time.perf_counter() - t0,
+                     preset.name if preset else "none", servicer.limits.max_model_len,
+                     servicer.limits.max_image_tokens, "on" if servicer.prefix_caching else "off", _torch_threads(),
+                     f"{args.prefill_window_ms:g} ms" if args.prefill_window_ms else "off")
             watch = asyncio.create_task(_watch_engine(engine, engine_dead))
             stats = asyncio.create_task(_log_stats(engine, args.log_stats_interval_s))
             await stop.wait()
