@@ -620,7 +620,7 @@ def engine_steps(recs: list[dict], *, gap_s: float = 0.0015, skip_s: float = 0.0
     if len(events) < 2:
         return None
     events.sort()
-    steps = []  # [start time, first tokens delivered]
+    steps = []  # [first arrival, first tokens delivered, last arrival so far]
     for t, first in events:
         if steps and t - steps[-1][2] <= gap_s:
             steps[-1][1] += first

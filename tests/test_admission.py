@@ -4,12 +4,14 @@ Domain logic on a real event loop; the inference tier with a window on, with the
 is in test_prefill_window.py."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 
 import pytest
 
 from kimivl_inference.admission import PrefillGrouper
+from kimivl_inference.options import add_arguments
 
 
 async def _admit_at(grouper, delay_s, tokens, busy=True):
@@ -29,7 +31,7 @@ async def test_requests_within_the_window_go_together_when_it_closes():
     r = await asyncio.gather(_admit_at(g, 0.0, 100), _admit_at(g, 0.05, 100), _admit_at(g, 0.1, 100))
     releases = [end for _, end, _ in r]
     assert max(releases) - min(releases) < 0.02  # one release for the group
-    assert 0.18 < releases[0] - r[0][0] < 0.35  # the first waited the window
+    assert 0.18 < releases[0] - r[0][0] < 0.6  # the first waited the window (not less; a loaded CI may add)
     assert r[2][2] < r[0][2]  # the last to join waited least
     # the next request after the release opens a new window
     start, end, held = await _admit_at(g, 0.0, 100)
@@ -53,3 +55,14 @@ async def test_a_cancelled_member_does_not_hold_back_the_others():
         await first
     _, _, held = await asyncio.wait_for(second, 1.0)
     assert 0.08 < held < 0.5
+
+
+def test_the_window_option_refuses_what_would_hang_or_silently_disable_it(capsys):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--model", "m"]).prefill_window_ms == 0
+    assert p.parse_args(["--model", "m", "--prefill-window-ms", "20"]).prefill_window_ms == 20
+    for bad in ("-1", "nan", "inf", "5000"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--model", "m", "--prefill-window-ms", bad])
+        assert "--prefill-window-ms: must be between 0 and 1000 ms" in capsys.readouterr().err

@@ -57,8 +57,8 @@ def test_held_while_busy_not_when_idle_and_results_unchanged(tiers):
 
         # A long generation keeps the engine busy while the two questions arrive together.
         long = c.stream(["Describe at length", photo_jpeg("astronaut")],
-                        sampling={"temperature": 0.0, "max_tokens": 400, "ignore_eos": True})
-        next(iter(long))  # its first token is out: the engine is busy now
+                        sampling={"temperature": 0.0, "max_tokens": 3000, "ignore_eos": True})
+        next(iter(long))  # its first token is out: the engine is busy now, for seconds (closed below)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             together = list(pool.map(lambda q: c.chat(q, sampling=GREEDY), questions))
         long.close()
@@ -68,3 +68,4 @@ def test_held_while_busy_not_when_idle_and_results_unchanged(tiers):
     assert 0.2 < held < 2 * WINDOW_MS / 1e3 + 0.5, held  # both held, for about one window, not more
     assert [len(r.token_ids) for r in together] == [GREEDY["max_tokens"]] * 2
     assert all(r.finish_reason == "length" for r in together)
+

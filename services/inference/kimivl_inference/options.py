@@ -38,10 +38,15 @@ def lower_preset(preset: Preset) -> Preset | None:
     return PRESETS[i + 1] if i + 1 < len(PRESETS) else None
 
 
-def _non_negative_float(text: str) -> float:
+MAX_PREFILL_WINDOW_MS = 1000.0
+
+
+def _prefill_window_ms(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    # nan would turn the window off silently, inf (or minutes) would hold requests until a
+    # group fills a whole engine step: refuse both rather than hang callers.
+    if not 0 <= value <= MAX_PREFILL_WINDOW_MS:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_PREFILL_WINDOW_MS:g} ms, got {text}")
     return value
 
 
@@ -77,10 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads of this process's own tensor work (normalizing uint8 patches); 0 = torch's "
                         "default, a thread per core. Applied once the engine has started, so the engine core keeps "
                         "vLLM's setting. Lower it where the container's CPU limit is below the host's core count")
-    p.add_argument("--prefill-window-ms", type=_non_negative_float, default=0.0,
+    p.add_argument("--prefill-window-ms", type=_prefill_window_ms, default=0.0,
                    help="while the engine has work, hold an image request up to this long so that image prefills "
                         "reach the engine together (a prefill step's fixed cost is then shared; TTFT pays the "
-                        "hold); a group goes at once when its prompts fill one engine step. 0 = off (default)")
+                        "hold); a group goes at once when its prompts fill one engine step. 0 = off (default), at most 1000")
     p.add_argument("--log-stats-interval-s", type=float, default=10.0,
                    help="log vLLM's engine stats (running/waiting requests, throughput, KV cache use) this often, "
                         "as `vllm serve` does (0 = off)")
