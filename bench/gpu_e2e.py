@@ -16,7 +16,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -56,40 +55,20 @@ def cases(imgs):
     ]
 
 
-def wait_serving(target, proc, timeout_s):
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited {proc.returncode}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise SystemExit(f"{target} not SERVING after {timeout_s} s")
-
-
 def run_tiers(model, out_dir, imgs):
     from kimivl.client import Client
-    env = dict(os.environ)
-    py = [sys.executable, "-m", "kimivl.cli", "serve"]
-    inf_log = open(os.path.join(out_dir, "inference.log"), "w")
-    pre_log = open(os.path.join(out_dir, "preprocess.log"), "w")
+    from kimivl_devtools.launch import TierProcess
+
     t = time.perf_counter()
-    inf = subprocess.Popen(py + ["inference", "--model", model, "--port", "50052", "--metrics-port", "0", *ENGINE],
-                           stdout=inf_log, stderr=subprocess.STDOUT, env=env)
-    pre = subprocess.Popen(py + ["preprocess", "--model", model, "--port", "50051", "--metrics-port", "0",
-                                 "--inference-target", "localhost:50052", "--workers", "4"],
-                           stdout=pre_log, stderr=subprocess.STDOUT, env=env)
+    inf = TierProcess("inference", ["--model", model, "--port", "50052", "--metrics-port", "0", *ENGINE], 50052,
+                      host="localhost", log=os.path.join(out_dir, "inference.log"))
+    pre = TierProcess("preprocess", ["--model", model, "--port", "50051", "--metrics-port", "0",
+                                     "--inference-target", "localhost:50052", "--workers", "4"], 50051,
+                      host="localhost", log=os.path.join(out_dir, "preprocess.log"))
     res = {}
     try:
-        wait_serving("localhost:50051", pre, 120)
-        wait_serving("localhost:50052", inf, 420)
+        pre.wait_serving(120)
+        inf.wait_serving(420)
         res["inference_tier_ready_s"] = round(time.perf_counter() - t, 1)
         log("tiers SERVING", res["inference_tier_ready_s"])
         with Client("localhost:50051", timeout_s=300) as c:
@@ -130,13 +109,10 @@ def run_tiers(model, out_dir, imgs):
             res["ours"] = [c.chat(p, sampling={"temperature": 0.0, "max_tokens": 32, "ignore_eos": True}).token_ids
                            for p in cases(imgs)]
     finally:
-        for p in (pre, inf):
-            p.terminate()
-        for p in (pre, inf):
-            try:
-                p.wait(90)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for tier in (pre, inf):
+            tier.proc.terminate()
+        for tier in (pre, inf):
+            tier.stop(timeout_s=90)
     return res
 
 
@@ -144,7 +120,7 @@ def run_vllm_own_path(model, imgs):
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM, SamplingParams
 
-    from kimivl_inference.engine import reinit_dummy_weights
+    from kimivl_devtools.reinit import reinit_dummy_weights
     llm = LLM(model=model, trust_remote_code=True, load_format="dummy", dtype="bfloat16", seed=0,
               max_model_len=8192, max_num_batched_tokens=8192, gpu_memory_utilization=0.85,
               limit_mm_per_prompt={"image": 8}, enable_prefix_caching=False)

@@ -361,7 +361,7 @@ class EngineSender:
 
     async def prepare(self, req: Req, extra: dict | None = None):
         from kimivl.client import build_request
-        from kimivl_inference.engine import build_engine_input
+        from kimivl_inference.engine_input import build_engine_input
 
         prepared = await self.pre.prepare(build_request(req.parts), "bfloat16")  # the front door's wire dtype
         return build_engine_input(prepared.prompt.message(), self.dtype), req.max_tokens, bool(extra)

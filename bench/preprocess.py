@@ -37,8 +37,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import imagedata  # noqa: E402
-from kimivl_inference.pixels import reference_table  # noqa: E402 - numpy only, no torch
-from kimivl_preprocess.image import ProcessorConfig, preprocess_image_bytes, target_size  # noqa: E402
+from kimivl_contract.processor import ProcessorConfig, normalized_values, target_size  # noqa: E402
+from kimivl_preprocess.image import preprocess_image_bytes  # noqa: E402
 from kimivl_preprocess.pool import ImagePool  # noqa: E402
 
 ROUNDS = 7
@@ -88,7 +88,7 @@ def per_image(config: ProcessorConfig) -> list[str]:
         if not np.array_equal(ours.pixel_values.view(np.uint16), ref.view(np.uint16)):
             raise SystemExit(f"MISMATCH on {name}: ours != reference cast to bfloat16")
         raw = preprocess_image_bytes(data, config, "uint8").pixel_values  # normalized by the inference tier
-        table = reference_table(config.image_mean, config.image_std).astype(ml_dtypes.bfloat16)
+        table = normalized_values(config.image_mean, config.image_std).astype(ml_dtypes.bfloat16)
         if not np.array_equal(table[np.arange(3)[None, :, None, None], raw].view(np.uint16), ref.view(np.uint16)):
             raise SystemExit(f"MISMATCH on {name}: uint8 patches, normalized, != reference")
         resize = partial(image.resize, size, Image.Resampling.BICUBIC) if size != image.size else None

@@ -27,7 +27,7 @@ class ReinitExtension:
     """Mixed into vLLM's worker class (``--worker-extension-cls``); ``self`` is the worker."""
 
     def reinit_dummy_weights(self, seed=0, repack_cpu=0) -> dict:
-        from kimivl_inference.engine import reinit_dummy_weights
+        from kimivl_devtools.reinit import reinit_dummy_weights
 
         out = reinit_dummy_weights(self, int(seed))  # /collective_rpc passes JSON args as given
         if int(repack_cpu):

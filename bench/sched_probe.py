@@ -70,8 +70,8 @@ async def run(model: str, n: int) -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from kimivl.client import build_request
-    from kimivl_inference.engine import build_engine_input
-    from kimivl_preprocess.image import ProcessorConfig
+    from kimivl_contract.processor import ProcessorConfig
+    from kimivl_inference.engine_input import build_engine_input
     from kimivl_preprocess.pipeline import Preprocessor
     from kimivl_preprocess.pool import ImagePool
     from kimivl_preprocess.sources import FetchPolicy, ImageFetcher

@@ -596,7 +596,7 @@ class CeilingSystem:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from kimivl_preprocess.image import ProcessorConfig
+        from kimivl_contract.processor import ProcessorConfig
         from kimivl_preprocess.pipeline import Preprocessor
         from kimivl_preprocess.pool import ImagePool
         from kimivl_preprocess.sources import FetchPolicy, ImageFetcher
@@ -611,7 +611,7 @@ class CeilingSystem:
                            max_model_len=self.e["max_model_len"])
         self.sender = lg.EngineSender(self.engine, pre, self.engine.model_config.dtype)
         self.info["preprocessing"] = (f"in-process kimivl_preprocess.Preprocessor ({self.pool.workers} threads) + "
-                                      "kimivl_inference.engine.build_engine_input, before each phase, not timed")
+                                      "kimivl_inference.engine_input.build_engine_input, before each phase, not timed")
         if a.ceiling_stats_interval_s > 0:  # vLLM's stats lines, as the inference tier's --log-stats-interval-s
             os.makedirs(self.log_dir, exist_ok=True)  # ... also in a log of their own, for servers.log
             self._stats_log = logging.FileHandler(os.path.join(self.log_dir, "ceiling-stats.log"))

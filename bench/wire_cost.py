@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from conftest import free_port, start_preprocess  # noqa: E402
 from kimivl.client import Client  # noqa: E402
 from kimivl.v1 import inference_pb2, types_pb2  # noqa: E402
-from kimivl_preprocess.codec import DTYPE_TO_PROTO, PromptWire, generate_request  # noqa: E402
+from kimivl_contract import dtypes  # noqa: E402
+from kimivl_preprocess.codec import PromptWire, generate_request  # noqa: E402
 from kimivl_preprocess.image import ProcessorConfig, preprocess_image_bytes  # noqa: E402
 
 ROUNDS = 12
@@ -33,7 +34,7 @@ ROUNDS = 12
 def protobuf_built(p, dtype: str, ids: list[int]) -> bytes:
     pv = p.pixel_values
     image = types_pb2.PreparedImage(
-        pixel_values=types_pb2.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=list(pv.shape), data=pv.tobytes()),
+        pixel_values=types_pb2.Tensor(dtype=dtypes.from_name(dtype).proto, shape=list(pv.shape), data=pv.tobytes()),
         grid_height=p.grid_hw[0], grid_width=p.grid_hw[1], placeholder_offset=1, placeholder_length=p.num_tokens,
         content_hash=p.content_hash)
     prompt = types_pb2.PreparedPrompt(token_ids=ids, images=[image])

@@ -10,38 +10,25 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
 from kimivl.chat_cli import render
 from kimivl.client import Client
+from kimivl_devtools.launch import NotServing, TierProcess
 
-BIN = os.path.dirname(sys.executable)
 console = Console(highlight=False, soft_wrap=True)
 
 
-def wait_serving(name: str, target: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        with console.status(f"waiting for the {name} tier at {target}…"):
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the {name} tier exited with code {proc.returncode}; see its log above")
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        console.print(f"[green]✓[/] {name} tier SERVING at {target}")
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
-    raise SystemExit(f"the {name} tier was not SERVING within {timeout_s:.0f} s")
+def wait_serving(name: str, tier: TierProcess, timeout_s: float) -> None:
+    with console.status(f"waiting for the {name} tier at {tier.target}…"):
+        try:
+            tier.wait_serving(timeout_s)
+        except NotServing as e:
+            raise SystemExit(f"{e}; see its log above") from None
+    console.print(f"[green]✓[/] {name} tier SERVING at {tier.target}")
 
 
 def sample_image() -> bytes:
@@ -65,7 +52,6 @@ def main() -> int:
     ap.add_argument("--inference-port", type=int, default=50052)
     ap.add_argument("--once", action="store_true", help="stop after the sample chat")
     a = ap.parse_args()
-    kimivl = os.path.join(BIN, "kimivl")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
     try:
@@ -74,15 +60,17 @@ def main() -> int:
     except ImportError:
         gpu = False
     engine_flags = [] if gpu else ["--device", "cpu", "--enforce-eager", "--max-model-len", "4096"]
-    inference = subprocess.Popen([kimivl, "serve", "inference", "--model", a.model, "--port", str(a.inference_port),
-                                  "--metrics-port", "9091", *engine_flags], env=env)
-    preprocess = subprocess.Popen([kimivl, "serve", "preprocess", "--model", a.model,
-                                   "--port", str(a.preprocess_port), "--metrics-port", "9090",
-                                   "--inference-target", f"localhost:{a.inference_port}"], env=env)
-    procs = [preprocess, inference]
+    inference = TierProcess("inference", ["--model", a.model, "--port", str(a.inference_port),
+                                          "--metrics-port", "9091", *engine_flags], a.inference_port,
+                            env=env, host="localhost")
+    preprocess = TierProcess("preprocess", ["--model", a.model, "--port", str(a.preprocess_port),
+                                            "--metrics-port", "9090", "--inference-target",
+                                            f"localhost:{a.inference_port}"], a.preprocess_port,
+                             env=env, host="localhost")
+    tiers = [preprocess, inference]
     try:
-        wait_serving("preprocessing", f"localhost:{a.preprocess_port}", preprocess, 120)
-        wait_serving("inference", f"localhost:{a.inference_port}", inference, 900)
+        wait_serving("preprocessing", preprocess, 120)
+        wait_serving("inference", inference, 900)
         front = f"localhost:{a.preprocess_port}"
         console.rule("sample chat: an image and a question")
         with Client(front, timeout_s=600) as c:
@@ -101,7 +89,7 @@ def main() -> int:
         stopping = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopping.append(True))
-        while not stopping and all(p.poll() is None for p in procs):
+        while not stopping and all(t.proc.poll() is None for t in tiers):
             time.sleep(0.5)
         if stopping:
             return 0
@@ -110,14 +98,11 @@ def main() -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for t in tiers:  # both drain at once
+            if t.proc.poll() is None:
+                t.proc.send_signal(signal.SIGTERM)
+        for t in tiers:
+            t.stop(timeout_s=40)
 
 
 if __name__ == "__main__":

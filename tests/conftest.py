@@ -4,17 +4,13 @@ Engines start once per test session (vLLM's CPU engine takes ~30-40 s to start).
 """
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kimivl_devtools.launch import NotServing, TierProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -30,56 +26,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class ServerProcess(TierProcess):
     """A `kimivl serve ...` child process with its log in .pytest_cache/server-logs."""
 
     def __init__(self, name: str, args: list[str], port: int, env: dict | None = None):
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        self.name, self.args, self.port = name, args, port
-        self.target = f"127.0.0.1:{port}"
-        self.log_path = LOG_DIR / f"{name}-{port}.log"
-        self.env = dict(os.environ, **ENGINE_ENV, **(env or {}))
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(BIN / "kimivl"), "serve", *self.args], stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=ROOT)
-
-    def health(self, service: str = "") -> int | None:
-        with grpc.insecure_channel(self.target) as ch:
-            try:
-                return health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(service=service), timeout=2).status
-            except grpc.RpcError:
-                return None
+        tier, *rest = args
+        super().__init__(tier, rest, port, env={**ENGINE_ENV, **(env or {})}, log=LOG_DIR / f"{name}-{port}.log",
+                         cwd=ROOT)
+        self.name = name
 
     def wait_serving(self, timeout_s: float = 240) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            if self.health() == health_pb2.HealthCheckResponse.SERVING:
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not SERVING after {timeout_s} s:\n{self.tail()}")
-
-    def tail(self, n: int = 60) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, sig=signal.SIGTERM, timeout_s: float = 60) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+            super().wait_serving(timeout_s)
+        except NotServing as e:
+            raise RuntimeError(str(e)) from None
 
 
 def start_inference(port: int | None = None, extra: list[str] = ()) -> ServerProcess:

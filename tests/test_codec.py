@@ -7,19 +7,16 @@ import pytest
 
 import imagedata
 from kimivl.v1 import inference_pb2, preprocess_pb2, types_pb2
-from kimivl_preprocess.codec import (
-    DTYPE_TO_PROTO,
-    PromptWire,
-    generate_request,
-    preprocess_response,
-)
-from kimivl_preprocess.image import ProcessorConfig, preprocess_image_bytes
+from kimivl_contract import dtypes
+from kimivl_contract.processor import ProcessorConfig
+from kimivl_preprocess.codec import PromptWire, generate_request, preprocess_response
+from kimivl_preprocess.image import preprocess_image_bytes
 
 
 def _expected(ids, processed, dtype, placeholders) -> types_pb2.PreparedPrompt:
     return types_pb2.PreparedPrompt(token_ids=ids, images=[
         types_pb2.PreparedImage(
-            pixel_values=types_pb2.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=list(p.pixel_values.shape),
+            pixel_values=types_pb2.Tensor(dtype=dtypes.from_name(dtype).proto, shape=list(p.pixel_values.shape),
                                           data=p.pixel_values.tobytes()),
             grid_height=p.grid_hw[0], grid_width=p.grid_hw[1], placeholder_offset=off, placeholder_length=n,
             content_hash=p.content_hash)

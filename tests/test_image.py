@@ -22,15 +22,14 @@ import pytest
 from PIL import Image
 
 import imagedata
-from kimivl_inference.pixels import PixelNormalizer, read_normalization
+from kimivl_contract.processor import ProcessorConfig, target_size
+from kimivl_inference.pixels import PixelNormalizer
 from kimivl_preprocess.image import (
     DEFAULT_MAX_PIXELS,
     ImageError,
-    ProcessorConfig,
     load_image,
     preprocess_image_bytes,
     process_image,
-    target_size,
 )
 from kimivl_preprocess.pool import ImagePool
 
@@ -217,6 +216,11 @@ def test_uint8_normalization_per_channel_and_table_fallback(loaded):
     assert torch.equal(normalize(raw), ref.to(torch.bfloat16))
     normalize.exact = False  # the path taken if torch's arithmetic ever disagreed with the reference's
     assert torch.equal(normalize(raw), ref.to(torch.bfloat16))
+
+
+def read_normalization(model_dir: str) -> tuple:
+    config = ProcessorConfig.from_model_dir(model_dir)  # what the inference tier normalizes with
+    return config.image_mean, config.image_std
 
 
 def test_inference_tier_reads_mean_and_std_from_the_model(tmp_path):

@@ -14,7 +14,8 @@ from skimage import data as skdata
 from transformers import AutoTokenizer
 
 from kimivl.v1 import chat_pb2, chat_pb2_grpc, preprocess_pb2, preprocess_pb2_grpc, types_pb2
-from kimivl_preprocess.image import ProcessorConfig, preprocess_image_bytes
+from kimivl_contract.processor import ProcessorConfig
+from kimivl_preprocess.image import preprocess_image_bytes
 
 PAD = "<|media_pad|>"
 
@@ -232,7 +233,7 @@ def test_private_urls_are_refused_by_default(stubs, url):
     # through the same fetcher the server uses, without sending any traffic.
     import asyncio
 
-    from kimivl.limits import RequestError
+    from kimivl_contract.errors import RequestError
     from kimivl_preprocess.sources import FetchPolicy, ImageFetcher
 
     async def go():

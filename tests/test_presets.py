@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from kimivl_inference import engine as engine_mod
+from kimivl_inference import vllm_engine as engine_mod
 from kimivl_inference.options import add_arguments, pick_preset
 
 

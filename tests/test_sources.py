@@ -6,8 +6,8 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from kimivl.limits import RequestError
 from kimivl.v1 import types_pb2
+from kimivl_contract.errors import RequestError
 from kimivl_preprocess.sources import FetchPolicy, ImageFetcher, decode_data_uri
 
 BODY = b"\x89PNG fake image body" * 100

@@ -87,6 +87,7 @@ def _content(parts) -> list:
 
 
 def main(argv: list[str]) -> int:
+    """chat with a running front door from the terminal"""
     parser = _parser()
     parts, rest = _split_parts(parser, argv)
     try:

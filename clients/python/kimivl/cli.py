@@ -1,67 +1,69 @@
-"""`kimivl`: one command line for both tiers and the client.
+"""`kimivl`: one command line, whose subcommands each package registers for itself.
 
-Subcommands import their tier only when run, so the client install works without the
-servers' dependencies and `--help` stays fast.
+A package adds a command with an entry point in the ``kimivl.commands`` group: the name is the
+command (``serve.<tier>`` for ``kimivl serve <tier>``), the value a function ``main(argv) -> int``
+that parses its own arguments, in a module light enough to import for ``--help``, with the
+extra that provides its dependencies in brackets. So the client install works without either
+tier, and this dispatcher knows no tier by name.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
+from importlib.metadata import EntryPoint, entry_points
 
+GROUP = "kimivl.commands"
 EXIT_USAGE = 2
 
-# name -> (module, help, extra that provides it); modules expose main(argv) -> int
-PASS_THROUGH = {
-    "preprocess": ("kimivl_preprocess.preprocess_cli", "preprocess images to an .npz, as the model sees them",
-                   "preprocess"),
-    "make-tiny-model": ("kimivl_inference.tiny_model", "write the tiny random-weight Kimi-VL used by tests and demos",
-                        "inference"),
-    "doctor": ("kimivl_inference.doctor", "check the environment: Python, torch, GPU, vLLM, model directory",
-               "inference"),
-    "chat": ("kimivl.chat_cli", "chat with a running front door from the terminal", None),
-}
-SERVE = {
-    "preprocess": ("kimivl_preprocess.options", "kimivl_preprocess.server", "the preprocessing tier (CPU, front door)",
-                   "preprocess"),
-    "inference": ("kimivl_inference.options", "kimivl_inference.server", "the inference tier (vLLM)", "inference"),
-}
+
+def commands() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
-def _import(module: str, extra: str | None = None):
+def _summary(ep: EntryPoint) -> str:
     try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        hint = f" (install kimivl[{extra}])" if extra else ""
-        print(f"kimivl: cannot load {module}: {e}{hint}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
+        doc = ep.load().__doc__ or ""
+    except ImportError:
+        doc = ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL serving: two gRPC tiers and a client")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run a server tier")
-    serve_sub = serve.add_subparsers(dest="tier", metavar="TIER", required=True)
-    for tier, (opts, _, help_text, extra) in SERVE.items():
-        p = serve_sub.add_parser(tier, help=help_text, description=f"Serve {help_text}.")
-        _import(opts, extra).add_arguments(p)
-    for name, (_, help_text, _) in PASS_THROUGH.items():
-        sub.add_parser(name, help=help_text, add_help=False)
-    return parser
+def _usage(found: dict[str, EntryPoint], prefix: str = "") -> str:
+    names = sorted(n for n in found if n.startswith(prefix))
+    if prefix:
+        lines = ["usage: kimivl serve TIER [options]   (kimivl serve TIER --help)", "", "tiers:"]
+        lines += [f"  {n[len(prefix):]:<18}{_summary(found[n])}" for n in names]
+    else:
+        lines = ["usage: kimivl COMMAND [options]   (kimivl COMMAND --help)", "", "commands:"]
+        if any("." in n for n in names):
+            lines.append(f"  {'serve TIER':<18}run a server tier: " + ", ".join(
+                n.split(".", 1)[1] for n in names if n.startswith("serve.")))
+        lines += [f"  {n:<18}{_summary(found[n])}" for n in names if "." not in n]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASS_THROUGH:
-        module_name, _, extra = PASS_THROUGH[argv[0]]
-        module = _import(module_name, extra)
-        return module.main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command != "serve":
-        parser.print_help()
+    found = commands()
+    if argv[:1] == ["serve"]:
+        if len(argv) < 2 or argv[1].startswith("-") or f"serve.{argv[1]}" not in found:
+            print(_usage(found, "serve."), file=sys.stderr if len(argv) > 1 and argv[1] not in ("-h", "--help")
+                  else sys.stdout)
+            return 0 if argv[1:2] in (["-h"], ["--help"]) else EXIT_USAGE
+        name, rest = f"serve.{argv[1]}", argv[2:]
+    elif argv and argv[0] in found and "." not in argv[0]:
+        name, rest = argv[0], argv[1:]
+    else:
+        asked = argv[:1] in (["-h"], ["--help"])
+        print(_usage(found), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else EXIT_USAGE
+    ep = found[name]
+    try:
+        run = ep.load()
+        return run(rest)
+    except ModuleNotFoundError as e:
+        hint = f" (install kimivl[{','.join(ep.extras)}])" if ep.extras else ""
+        print(f"kimivl: cannot run {name.replace('.', ' ')}: {e}{hint}", file=sys.stderr)
         return EXIT_USAGE
-    return _import(SERVE[args.tier][1], SERVE[args.tier][3]).main(args)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ each of those processes, which is what the ``vllm.general_plugins`` entry point
 The image steps are those of Moonshot's ``KimiVLImageProcessor``, rendered in torch:
 
 1. if ``(w//14)*(h//14) > in_token_limit``: resize by ``s = sqrt(limit / that)`` to
-   ``(int(w*s), int(h*s))`` with PIL BICUBIC (in the image's own mode, as Moonshot does);
+   ``(int(w*s), int(h*s))`` with PIL BICUBIC (in the image's own mode, as Moonshot does), and
+   shrink an image over 512 patches a side to fit, as the front door does
+   (:func:`kimivl_contract.processor.target_size` is the one rule);
 2. convert to RGB, zero-pad bottom/right to multiples of ``patch * merge`` (28);
-3. ``/255``, then ``(x - mean) / std``;
+3. ``/255``, then ``(x - mean) / std`` (:func:`~kimivl_contract.processor.normalized_values`);
 4. patchify ``(C,H,W) -> (C,H/14,14,W/14,14) -> (H/14,W/14,C,14,14) -> (-1,C,14,14)``;
    the grid is ``(H/14, W/14)``.
 
@@ -23,7 +25,6 @@ merged patch, which is what the language model's placeholder positions must matc
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
@@ -32,9 +33,11 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
+from kimivl_contract.processor import ProcessorConfig, normalized_values, target_size
+from kimivl_contract.tokens import IMAGE_PAD as IMAGE_TOKEN
+
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<|media_pad|>"
 _EXPANDED = "<|kimivl_image_slot|>"  # transient; never reaches the tokenizer
 
 
@@ -66,26 +69,26 @@ class KimiVLImageProcessor(BaseImageProcessor):
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
 
+    def _config(self) -> ProcessorConfig:
+        return ProcessorConfig(patch_size=self.patch_size, merge_kernel_size=tuple(self.merge_kernel_size),
+                               in_token_limit=self.in_token_limit, image_mean=tuple(self.image_mean),
+                               image_std=tuple(self.image_std))
+
     def resize(self, image: Image.Image) -> Image.Image:
-        """Shrink the image so that it has at most ``in_token_limit`` whole patches."""
-        w, h = image.size
-        p = self.patch_size
-        n = (w // p) * (h // p)
-        if n <= self.in_token_limit:
-            return image
-        s = math.sqrt(self.in_token_limit / n)
-        return image.resize((int(w * s), int(h * s)), Image.Resampling.BICUBIC)
+        """Shrink the image to the token limit and the vision tower's side limit."""
+        size = target_size(*image.size, self._config())
+        return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
     def to_normalized_tensor(self, image: Image.Image) -> torch.Tensor:
-        """RGB, zero-padded to the merge grid, scaled to [0, 1] and normalised: (C, H, W) float32."""
-        t = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float().div(255.0)
+        """RGB, zero-padded to the merge grid, normalised per byte: (C, H, W) float32."""
+        pixels = np.asarray(image.convert("RGB"))
         if self.pad_input:
             mh, mw = (k * self.patch_size for k in self.merge_kernel_size)
-            _, h, w = t.shape
-            t = torch.nn.functional.pad(t, (0, (mw - w % mw) % mw, 0, (mh - h % mh) % mh))
-        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(self.image_std, dtype=torch.float32).view(-1, 1, 1)
-        return (t - mean) / std
+            h, w = pixels.shape[:2]
+            pixels = np.pad(pixels, ((0, (mh - h % mh) % mh), (0, (mw - w % mw) % mw), (0, 0)))
+        table = torch.from_numpy(normalized_values(self.image_mean, self.image_std))  # (3, 256)
+        codes = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).long()  # (C, H, W)
+        return table.gather(1, codes.reshape(3, -1)).reshape(codes.shape)
 
     def patchify(self, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(C, H, W) -> ((H/p)*(W/p), C, p, p) in row-major patch order, and the grid (H/p, W/p)."""

@@ -2,7 +2,8 @@
 
 The front door sends patches as the image's bytes (half the size of bfloat16); the Kimi-VL
 processor's normalization is then done here: float32 ``x / 255``, minus float32 mean, divided
-by float32 std, one cast to the model dtype (what vLLM does to the processor's float32 output).
+by float32 std, one cast to the model dtype (what vLLM does to the processor's float32 output),
+the values of :func:`kimivl_contract.processor.normalized_values`.
 Every output value depends on one input byte and its channel, so :class:`PixelNormalizer`
 proves its vectorized torch arithmetic on all 256 values of every channel against that
 reference, computed in numpy, when it is made; should a torch build ever round differently,
@@ -10,36 +11,11 @@ it uses the reference's table instead.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 
-import numpy as np
+from kimivl_contract.processor import normalized_values
 
 log = logging.getLogger("kimivl.pixels")
-
-DEFAULT_MEAN = (0.5, 0.5, 0.5)  # Kimi-VL-A3B's preprocessor_config.json
-DEFAULT_STD = (0.5, 0.5, 0.5)
-
-
-def read_normalization(model_dir: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """image_mean and image_std from ``<model_dir>/preprocessor_config.json`` (defaults if absent)."""
-    path = os.path.join(model_dir or "", "preprocessor_config.json")
-    raw = {}
-    if model_dir and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    mean = tuple(float(v) for v in raw.get("image_mean", DEFAULT_MEAN))
-    std = tuple(float(v) for v in raw.get("image_std", DEFAULT_STD))
-    if len(mean) != 3 or len(std) != 3 or 0.0 in std:
-        raise ValueError(f"{path}: image_mean/image_std must be 3 values, std non-zero")
-    return mean, std
-
-
-def reference_table(mean, std) -> np.ndarray:
-    """(3, 256) float32: the processor's value for each byte of each channel."""
-    x = np.arange(256, dtype=np.float32) / np.float32(255)
-    return np.stack([(x - np.float32(m)) / np.float32(s) for m, s in zip(mean, std, strict=True)])
 
 
 class PixelNormalizer:
@@ -51,7 +27,7 @@ class PixelNormalizer:
         self.dtype = dtype
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        expected = torch.from_numpy(reference_table(mean, std)).to(dtype)  # (3, 256)
+        expected = torch.from_numpy(normalized_values(mean, std)).to(dtype)  # (3, 256)
         # Every byte in every channel, in a tensor large enough for the vectorized loops.
         probe = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1).expand(256, 3, 14, 14).contiguous()
         got = self._arithmetic(probe)

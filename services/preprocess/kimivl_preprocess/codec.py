@@ -17,15 +17,7 @@ import blake3
 import numpy as np
 
 from kimivl.v1 import inference_pb2, preprocess_pb2, types_pb2
-
-DTYPE_TO_PROTO = {
-    "bfloat16": types_pb2.TENSOR_DTYPE_BFLOAT16,
-    "float16": types_pb2.TENSOR_DTYPE_FLOAT16,
-    "float32": types_pb2.TENSOR_DTYPE_FLOAT32,
-    "uint8": types_pb2.TENSOR_DTYPE_UINT8,
-}
-PROTO_TO_DTYPE = {v: k for k, v in DTYPE_TO_PROTO.items()}
-PROTO_TO_DTYPE[types_pb2.TENSOR_DTYPE_UNSPECIFIED] = "bfloat16"
+from kimivl_contract import dtypes
 
 _LEN = 2  # protobuf wire type of length-delimited fields
 
@@ -58,7 +50,7 @@ class PromptWire:
         chunks = [types_pb2.PreparedPrompt(token_ids=token_ids).SerializeToString()]
         for p, (offset, length) in zip(processed, placeholders, strict=True):
             pv = p.pixel_values
-            tensor = [types_pb2.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=pv.shape).SerializeToString(),
+            tensor = [types_pb2.Tensor(dtype=dtypes.from_name(dtype).proto, shape=pv.shape).SerializeToString(),
                       *_field(3, [memoryview(pv.reshape(-1).view(np.uint8))])]
             h, w = p.grid_hw
             rest = types_pb2.PreparedImage(grid_height=h, grid_width=w, placeholder_offset=offset,
@@ -93,6 +85,6 @@ def tensor_content_hash(image: types_pb2.PreparedImage, data: bytes | None = Non
     tensor's bytes if already read (each read of a bytes field copies it).
     """
     t = image.pixel_values
-    h = blake3.blake3(f"{PROTO_TO_DTYPE[t.dtype]}:{image.grid_height}x{image.grid_width}:".encode())
+    h = blake3.blake3(f"{dtypes.BY_PROTO[t.dtype].name}:{image.grid_height}x{image.grid_width}:".encode())
     h.update(t.data if data is None else data)
     return "kimivl-tensor:" + h.hexdigest()

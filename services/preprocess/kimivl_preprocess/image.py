@@ -30,9 +30,6 @@ front door's default) stops before the lookup: the inference tier normalizes the
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,6 +39,9 @@ import blake3
 import ml_dtypes
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+from kimivl_contract import dtypes
+from kimivl_contract.processor import ProcessorConfig, normalized_values, target_size
 
 # vllm.multimodal.image.ALLOWED_IMAGE_FORMATS (vLLM 0.32): in-process raster decoders only.
 ALLOWED_IMAGE_FORMATS: tuple[str, ...] = (
@@ -56,9 +56,7 @@ DEFAULT_MAX_PIXELS = 178_956_970
 
 # "uint8": the raw pixel values in patch layout, left for the inference tier to normalize
 # (half the bytes of bfloat16 on the wire; see TENSOR_DTYPE_UINT8 in the contract).
-WIRE_DTYPES = ("bfloat16", "float16", "float32", "uint8")
-_NUMPY_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
-                 "float32": np.dtype(np.float32), "uint8": np.dtype(np.uint8)}  # fmt: skip
+WIRE_DTYPES = dtypes.NAMES
 
 _TURNING_ORIENTATIONS = frozenset(range(2, 9))  # EXIF orientations exif_transpose acts on
 _BAND_LOOKUPS = 1 << 17  # table lookups per band: a band's index array (1 MiB) stays in cache
@@ -75,54 +73,6 @@ class ImageError(ValueError):
     def __init__(self, message: str, too_large: bool = False):
         super().__init__(message)
         self.too_large = too_large
-
-
-@dataclass(frozen=True)
-class ProcessorConfig:
-    """The Kimi-VL processor's settings (defaults: Kimi-VL-A3B-Thinking-2506)."""
-
-    patch_size: int = 14
-    merge_kernel_size: tuple[int, int] = (2, 2)
-    in_token_limit: int = 16384
-    pad_input: bool = True
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    max_grid_side: int = 512
-
-    def __post_init__(self) -> None:
-        # Canonical types (JSON gives lists, maybe ints), so equal settings fingerprint alike.
-        object.__setattr__(self, "merge_kernel_size", tuple(int(m) for m in self.merge_kernel_size))
-        for name in ("image_mean", "image_std"):
-            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        mh, mw = self.merge_kernel_size
-        if self.patch_size < 1 or mh < 1 or mw < 1 or self.in_token_limit < 1:
-            raise ValueError(f"invalid processor config: {self}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
-            raise ValueError(f"image_mean/image_std must be 3 values, std non-zero: {self}")
-        if not self.pad_input:
-            # The reference then center-crops to whole patches, which can leave grids the
-            # patch merger cannot take; Kimi-VL models all pad.
-            raise ValueError("pad_input=false is not supported")
-        if self.max_grid_side < max(mh, mw):
-            raise ValueError(f"max_grid_side {self.max_grid_side} is below the merge kernel")
-
-    @classmethod
-    def from_model_dir(cls, path: str | None) -> ProcessorConfig:
-        """Settings from ``<path>/preprocessor_config.json``; defaults when absent or None."""
-        if path is None:
-            return cls()
-        file = os.path.join(path, "preprocessor_config.json")
-        if not os.path.isfile(file):
-            return cls()
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-        keys = ("patch_size", "merge_kernel_size", "in_token_limit", "pad_input", "image_mean",
-                "image_std")  # fmt: skip
-        return cls(**{k: raw[k] for k in keys if k in raw})
-
-    def fingerprint(self) -> bytes:
-        """Every setting that changes the output, for the content hash."""
-        return repr(tuple(getattr(self, f) for f in self.__dataclass_fields__)).encode()
 
 
 @dataclass
@@ -188,25 +138,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def target_size(width: int, height: int, config: ProcessorConfig) -> tuple[int, int]:
-    """The (width, height) the processor resizes to; the input size when no resize is due."""
-    p = config.patch_size
-    patches = (width // p) * (height // p)
-    w, h = width, height
-    if patches > config.in_token_limit:
-        s = math.sqrt(config.in_token_limit / patches)
-        w, h = max(1, int(w * s)), max(1, int(h * s))
-    # Largest side whose padded grid stays within max_grid_side patches.
-    mh, mw = config.merge_kernel_size
-    max_h = config.max_grid_side // mh * mh * p
-    max_w = config.max_grid_side // mw * mw * p
-    if w * max_h >= h * max_w and w > max_w:  # width binds: exactly max_w, height scaled alike
-        w, h = max_w, max(1, h * max_w // w)
-    elif h > max_h:
-        w, h = max(1, w * max_h // h), max_h
-    return w, h
-
-
 def process_image(image: Image.Image, config: ProcessorConfig, dtype: str = "bfloat16") -> ProcessedImage:
     """Run the Kimi-VL processor on an RGB image (from :func:`load_image`)."""
     wire = numpy_dtype(dtype)
@@ -263,31 +194,27 @@ def process_image(image: Image.Image, config: ProcessorConfig, dtype: str = "bfl
 
 def numpy_dtype(dtype: str) -> np.dtype:
     """The numpy dtype of a wire dtype name; ValueError for a name not in WIRE_DTYPES."""
-    try:
-        return _NUMPY_DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {WIRE_DTYPES}, got {dtype!r}") from None
+    name = dtypes.from_name(dtype).name
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 @lru_cache(maxsize=16)
 def _pair_table(config: ProcessorConfig, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Lookup table from byte codes (one or two bytes of one channel) to wire-dtype values.
 
-    Values use the reference's arithmetic: float32 ``x / 255``, minus float32 mean, divided
-    by float32 std, then one cast to the wire dtype. Returns the flat table and, per channel,
-    the offset of its section; None when the three channels normalize alike (one section,
-    and the common case skips an add).
+    Values are :func:`~kimivl_contract.processor.normalized_values` (the reference's float32
+    arithmetic), cast once to the wire dtype. Returns the flat table and, per channel, the
+    offset of its section; None when the three channels normalize alike (one section, and the
+    common case skips an add).
     """
     wire = numpy_dtype(dtype)
     unit = 2 if config.patch_size**2 % 2 == 0 else 1
     codes = np.arange(256**unit, dtype=f"u{unit}").view(np.uint8).reshape(-1, unit)  # bytes in memory order
-    x = np.arange(256, dtype=np.float32) / np.float32(255)
     channels = list(zip(config.image_mean, config.image_std, strict=True))
     distinct = list(dict.fromkeys(channels))
-    sections = []
-    for mean, std in distinct:
-        values = ((x - np.float32(mean)) / np.float32(std)).astype(wire)
-        sections.append(np.ascontiguousarray(values[codes]).view(f"u{unit * wire.itemsize}").reshape(-1))
+    reference = normalized_values(*zip(*distinct, strict=True))  # one row per distinct (mean, std)
+    sections = [np.ascontiguousarray(row.astype(wire)[codes]).view(f"u{unit * wire.itemsize}").reshape(-1)
+                for row in reference]
     table = np.concatenate(sections)
     table.flags.writeable = False
     if len(distinct) == 1:

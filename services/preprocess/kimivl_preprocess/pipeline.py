@@ -10,11 +10,11 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from kimivl.limits import RequestError
-from kimivl.prepared import PromptLimits, check_prepared_prompt
+from kimivl_contract.errors import RequestError
+from kimivl_contract.prepared import PromptLimits, check_prepared_prompt
 
 from .codec import PromptWire, tensor_content_hash
-from .image import ImageError, ProcessorConfig
+from .image import ImageError
 from .pool import ImagePool
 from .prompt import PromptBuilder, messages_from_proto, raw_prompt_images
 from .sources import ImageFetcher
@@ -24,7 +24,6 @@ from .sources import ImageFetcher
 class Prepared:
     prompt: PromptWire  # serialized, tensors referenced (codec.py says why)
     prompt_text: str
-    image_tokens: int
     preprocess_ms: float
 
 
@@ -32,7 +31,7 @@ class Preprocessor:
     def __init__(self, model_dir: str, pool: ImagePool, fetcher: ImageFetcher, *, max_images: int = 256,
                  max_model_len: int | None = None, max_tensor_bytes: int = 1 << 30):
         self.builder = PromptBuilder(model_dir)
-        self.config = ProcessorConfig.from_model_dir(model_dir)
+        self.config = pool.config  # the one reading of preprocessor_config.json
         self.pool = pool
         self.fetcher = fetcher
         self.max_images = max_images
@@ -85,7 +84,7 @@ class Preprocessor:
             raise RequestError(f"the images make {total} bytes of tensors; the limit is {self.max_tensor_bytes}",
                                resource_exhausted=True)
         prompt = PromptWire.from_images(expanded.token_ids, processed, dtype, expanded.placeholders)
-        return Prepared(prompt, text, sum(p.num_tokens for p in processed), (time.perf_counter() - t0) * 1e3)
+        return Prepared(prompt, text, (time.perf_counter() - t0) * 1e3)
 
     async def _image(self, field: str, image, dtype: str):
         data = await self.fetcher.fetch(image, field)
@@ -96,7 +95,7 @@ class Preprocessor:
 
     def _take_prepared(self, prompt, t0: float) -> Prepared:
         tensor_data: list[bytes] = []
-        image_tokens = check_prepared_prompt(prompt, self.limits, field="prepared_prompt", tensor_data=tensor_data)
+        check_prepared_prompt(prompt, self.limits, field="prepared_prompt", tensor_data=tensor_data)
         for img, data in zip(prompt.images, tensor_data, strict=True):
             img.content_hash = tensor_content_hash(img, data)
-        return Prepared(PromptWire.from_message(prompt), "", image_tokens, (time.perf_counter() - t0) * 1e3)
+        return Prepared(PromptWire.from_message(prompt), "", (time.perf_counter() - t0) * 1e3)

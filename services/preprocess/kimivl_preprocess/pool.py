@@ -28,13 +28,13 @@ class ImagePool:
         if workers is not None and workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.workers = len(os.sched_getaffinity(0)) if workers is None else max(workers, 1)
-        self._config = config
+        self.config = config
         self._max_pixels = max_pixels
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="kimivl-image")
 
     async def process(self, data: bytes, dtype: str = "bfloat16") -> ProcessedImage:
         """Encoded bytes to patches (:func:`~kimivl_preprocess.image.preprocess_image_bytes`, same errors)."""
-        work = partial(preprocess_image_bytes, data, self._config, dtype, max_pixels=self._max_pixels)
+        work = partial(preprocess_image_bytes, data, self.config, dtype, max_pixels=self._max_pixels)
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
     def close(self) -> None:

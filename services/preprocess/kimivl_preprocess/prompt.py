@@ -11,12 +11,10 @@ import json
 import os
 from dataclasses import dataclass
 
-from kimivl.limits import RequestError
+from kimivl_contract.errors import RequestError
+from kimivl_contract.tokens import IMAGE_BLOCK, IMAGE_PAD
+from kimivl_contract.tokens import MEDIA_TOKENS as RESERVED_TOKENS
 
-IMAGE_PAD = "<|media_pad|>"
-IMAGE_BLOCK = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
-# Tokens that only the server may place: a client writing them would forge an image slot.
-RESERVED_TOKENS = ("<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>")
 RAW_IMAGE_MARKER = "<image>"
 ROLE_NAMES = {1: "system", 2: "user", 3: "assistant"}
 

@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver
 
-from kimivl.limits import RequestError
+from kimivl_contract.errors import RequestError
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kimivl.limits import RequestError
+from .dtypes import BY_PROTO
+from .errors import RequestError
 
-# TensorDtype enum value -> (name, bytes per element). 0 = unspecified = bfloat16;
-# uint8 = raw pixel values, normalized by the inference tier.
-DTYPES = {0: ("bfloat16", 2), 1: ("bfloat16", 2), 2: ("float16", 2), 3: ("float32", 4), 4: ("uint8", 1)}
 PATCH = 14
 CHANNELS = 3
 MAX_HASH_LEN = 256
@@ -66,13 +64,14 @@ def check_prepared_prompt(prompt, limits: PromptLimits, field: str = "prompt", t
             raise RequestError(f"{f} grid is {h}x{w}; the vision tower takes at most {limits.max_grid_side} "
                                "patches a side")
         t = img.pixel_values
-        if t.dtype not in DTYPES:
-            raise RequestError(f"{f}.pixel_values.dtype is {t.dtype}; expected a TensorDtype value")
+        if t.dtype not in BY_PROTO:
+            raise RequestError(f"{f}.pixel_values.dtype is {t.dtype}; expected a TensorDtype value",
+                               field=f"{f}.pixel_values.dtype")
         expect_shape = [h * w, CHANNELS, PATCH, PATCH]
         if list(t.shape) != expect_shape:
             raise RequestError(f"{f}.pixel_values.shape is {list(t.shape)}; expected {expect_shape} "
                                f"for a {h}x{w} grid")
-        size = DTYPES[t.dtype][1]
+        size = BY_PROTO[t.dtype].itemsize
         expect_bytes = h * w * CHANNELS * PATCH * PATCH * size
         data = t.data
         if len(data) != expect_bytes:

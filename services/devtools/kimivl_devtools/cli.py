@@ -1,0 +1,9 @@
+"""Development commands (entry points in the ``kimivl.commands`` group)."""
+from __future__ import annotations
+
+
+def make_tiny_model(argv: list[str]) -> int:
+    """write the tiny random-weight Kimi-VL used by tests and demos"""
+    from kimivl_inference.tiny_model import main
+
+    return main(argv)

@@ -1,0 +1,148 @@
+"""InferenceService.Generate: validate a prepared prompt, run it on the engine, stream the result.
+
+Everything that reaches the engine is checked first (vLLM trusts its multimodal inputs; a bad
+placeholder run kills its engine core). The engine is attached once it has started; until then
+requests answer UNAVAILABLE, which the front door retries on another replica.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+
+from kimivl.v1 import inference_pb2
+from kimivl_contract import errors
+from kimivl_contract.errors import RequestError
+from kimivl_contract.limits import check_context, check_sampling
+from kimivl_contract.prepared import PromptLimits, check_prepared_prompt
+from kimivl_contract.processor import ProcessorConfig
+from kimivl_contract.tokens import IMAGE_PAD
+
+from . import metrics
+from .admission import PrefillGrouper
+from .engine_input import build_engine_input
+from .generation import GenerationStats, end_marker_token_ids, generate
+from .pixels import PixelNormalizer
+
+log = logging.getLogger("kimivl.inference")
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class EngineNotReady(Exception):
+    pass
+
+
+class InferenceServicer:
+    def __init__(self, prefill_window_s: float = 0.0):
+        self.engine = None
+        self.prefill_window_s = prefill_window_s
+        self.grouper: PrefillGrouper | None = None
+        self.in_engine = 0  # requests handed to the engine and not finished
+        self.limits: PromptLimits | None = None
+        self.end_marker_ids: list[int] = []
+        self.model_dtype = None
+        self.normalizer: PixelNormalizer | None = None
+        self.prefix_caching = False
+        self.on_engine_dead = None
+
+    def attach(self, engine, tokenizer, limit_mm: int):
+        mc = engine.model_config
+        vocab = mc.get_vocab_size()
+        encoder_cache = getattr(getattr(engine, "input_processor", None), "mm_encoder_cache_size", 0) or None
+        self.limits = PromptLimits(pad_id=tokenizer.convert_tokens_to_ids(IMAGE_PAD), vocab_size=vocab,
+                                   max_images=limit_mm, max_model_len=mc.max_model_len,
+                                   max_image_tokens=encoder_cache)
+        self.end_marker_ids = end_marker_token_ids(tokenizer)
+        self.model_dtype = mc.dtype
+        cache = getattr(getattr(engine, "vllm_config", None), "cache_config", None)
+        self.prefix_caching = bool(cache is not None and cache.enable_prefix_caching)
+        metrics.PREFIX_CACHING.set(int(self.prefix_caching))
+        processor = ProcessorConfig.from_model_dir(mc.model)
+        self.normalizer = PixelNormalizer(processor.image_mean, processor.image_std, mc.dtype)
+        sched = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+        self.grouper = PrefillGrouper(self.prefill_window_s,
+                                      getattr(sched, "max_num_batched_tokens", None) or mc.max_model_len)
+        self.engine = engine
+
+    async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        arrived = time.perf_counter()
+        code = None
+        stats = GenerationStats()
+        metrics.WAITING.inc()
+        state = "waiting"
+        try:
+            if self.engine is None:
+                raise EngineNotReady()
+            # Headers now, not with the first token: the front door's upload gate takes them as
+            # "received". Not before the UNAVAILABLE above: headers commit the call, and gRPC
+            # would no longer retry it on another replica.
+            await context.send_initial_metadata(())
+            check_sampling(request.sampling, request.thinking)
+            tensor_data: list[bytes] = []
+            image_tokens = check_prepared_prompt(request.prompt, self.limits, tensor_data=tensor_data)
+            n = len(request.prompt.token_ids)
+            check_context(n, request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None,
+                          self.limits.max_model_len)
+            if not request.request_id:
+                request.request_id = uuid.uuid4().hex
+            if request.prompt.images:  # tensor work (uint8 normalization) off the event loop
+                engine_input = await asyncio.to_thread(build_engine_input, request.prompt, self.model_dtype,
+                                                       self.normalizer, tensor_data)
+            else:
+                engine_input = build_engine_input(request.prompt, self.model_dtype)
+            if request.prompt.images and self.grouper.enabled:
+                metrics.PREFILL_HOLD.observe(await self.grouper.admit(n, engine_busy=self.in_engine > 0))
+            last = None
+            self.in_engine += 1
+            try:
+                async for msg in generate(self.engine, engine_input, request, max_model_len=self.limits.max_model_len,
+                                          end_marker_ids=self.end_marker_ids, image_tokens=image_tokens, stats=stats,
+                                          arrived_s=arrived):
+                    if state == "waiting" and stats.first_token_s is not None:
+                        metrics.WAITING.dec()
+                        metrics.RUNNING.inc()
+                        state = "running"
+                        metrics.TTFT.observe(stats.first_token_s)
+                    last = msg
+                    yield msg
+            finally:
+                self.in_engine -= 1
+            u = last.result.usage
+            metrics.THINKING_TOKENS.inc(u.thinking_tokens)
+            metrics.ANSWER_TOKENS.inc(u.answer_tokens)
+            times = stats.token_times
+            for a, b in zip(times, times[1:], strict=False):
+                metrics.ITL.observe(b - a)
+        except RequestError as e:
+            code = e.code
+            await errors.abort(context, e)
+        except EngineNotReady:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, "the engine is still starting; retry when health reports SERVING")
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED  # the consumer left: vLLM aborts the request on cancel
+            raise
+        except Exception as e:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if isinstance(e, EngineDeadError) or (self.engine is not None and self.engine.errored):
+                code = grpc.StatusCode.UNAVAILABLE
+                if self.on_engine_dead:
+                    self.on_engine_dead()
+                await context.abort(code, "the inference engine died; this replica is restarting")
+            log.exception("request %s failed", request.request_id)
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(code, f"internal error: {type(e).__name__}")
+        finally:
+            (metrics.WAITING if state == "waiting" else metrics.RUNNING).dec()
+            if code is not None:
+                metrics.ERRORS.labels(code.name).inc()
+
+
+def handlers(servicer: InferenceServicer) -> dict:
+    return {"Generate": grpc.unary_stream_rpc_method_handler(
+        servicer.Generate, request_deserializer=inference_pb2.GenerateRequest.FromString,
+        response_serializer=inference_pb2.GenerateResponse.SerializeToString)}

@@ -1,0 +1,83 @@
+"""A chat, transport aside: prepare the prompt, hand it to the inference tier, relay its stream.
+
+Both front-door transports (gRPC ChatService, and any other port) run chats through
+:class:`ChatFlow`. The stream's deltas stay the inference tier's serialized GenerateResponse
+bytes (ChatResponse has the same wire layout, so the gRPC transport relays them untouched);
+the final result is parsed once, to add this tier's timings.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from kimivl.v1 import chat_pb2
+from kimivl_contract.limits import check_sampling
+
+from . import metrics
+from .codec import generate_request
+from .inference_client import InferenceClient
+from .pipeline import Prepared, Preprocessor
+from .uploads import UploadGate
+
+RESULT_TAG = 0x12  # GenerateResponse/ChatResponse field 2 (result), wire type 2: a result's first byte
+
+
+@dataclass
+class ChatStart:
+    """What the transport needs before streaming."""
+    prepared: Prepared
+    request_id: str
+    arrived_s: float  # time.perf_counter() at arrival
+
+
+class ChatFlow:
+    def __init__(self, preprocessor: Preprocessor, inference: InferenceClient, wire_dtype: str,
+                 uploads: UploadGate | None = None):
+        self.pre = preprocessor
+        self.inference = inference
+        self.wire_dtype = wire_dtype
+        self.uploads = uploads or UploadGate(0)
+
+    async def prepare(self, request: chat_pb2.ChatRequest, arrived_s: float | None = None) -> ChatStart:
+        """Check the options and build the prompt (RequestError for bad input)."""
+        arrived_s = time.perf_counter() if arrived_s is None else arrived_s
+        check_sampling(request.sampling, request.thinking)
+        with metrics.PREPROCESS_SECONDS.time():
+            prepared = await self.pre.prepare(request, self.wire_dtype)
+        metrics.IMAGES.inc(prepared.prompt.images)
+        return ChatStart(prepared, request.request_id or uuid.uuid4().hex, arrived_s)
+
+    async def stream(self, start: ChatStart, request: chat_pb2.ChatRequest,
+                     timeout_s: float | None) -> AsyncIterator[bytes | chat_pb2.ChatResponse]:
+        """The reply: raw delta messages (bytes), then the result as a ChatResponse with this tier's
+        timings. grpc.aio.AioRpcError from the inference tier propagates; leaving early cancels
+        the inference call (and so the engine request)."""
+        message = generate_request(start.prepared.prompt, sampling=request.sampling, thinking=request.thinking,
+                                   request_id=start.request_id)
+        with metrics.UPLOAD_SECONDS.time():
+            call = await self.uploads.start(lambda: self.inference.generate(message, timeout_s))
+        first = True
+        try:
+            async for raw in call:
+                if first:
+                    metrics.CHAT_TTFT.observe(time.perf_counter() - start.arrived_s)
+                    first = False
+                if raw[:1] == bytes([RESULT_TAG]):
+                    yield with_front_door_timings(raw, start.prepared.preprocess_ms, start.arrived_s)
+                else:
+                    yield raw
+        finally:
+            call.cancel()  # no-op once finished; aborts the engine request if the client left
+
+
+def with_front_door_timings(raw: bytes, preprocess_ms: float, arrived_s: float) -> chat_pb2.ChatResponse:
+    msg = chat_pb2.ChatResponse.FromString(raw)
+    t = msg.result.timings
+    inference_total = t.total_ms
+    t.preprocess_ms = preprocess_ms
+    t.total_ms = (time.perf_counter() - arrived_s) * 1e3
+    # First token as the caller saw it: everything before inference's own TTFT.
+    t.time_to_first_token_ms += t.total_ms - inference_total
+    return msg

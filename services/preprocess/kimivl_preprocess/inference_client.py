@@ -1,0 +1,57 @@
+"""The front door's channel to the inference tier.
+
+Round-robin across every address the target resolves to (a headless Service gives one per
+inference pod), skipping pods whose grpc.health.v1 status is not SERVING (starting, draining),
+and retrying UNAVAILABLE: gRPC only retries before the first response arrives, so a stream that
+has started is never replayed. Requests go as the codec's bytes and responses come back as raw
+bytes, relayed untouched (only the final result is parsed).
+"""
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from kimivl.v1 import inference_pb2
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": INFERENCE_SERVICE},
+    "methodConfig": [{
+        "name": [{"service": INFERENCE_SERVICE}],
+        "retryPolicy": {
+            "maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+}
+
+
+class InferenceClient:
+    """``generate(request_bytes, timeout_s)``: a started call streaming raw GenerateResponse bytes."""
+
+    def __init__(self, target: str, max_message_bytes: int):
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+            ("grpc.enable_retries", 1),
+            # Retries replay the buffered request; image requests are MBs, above the 256 KiB default.
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+            ("grpc.retry_buffer_size", 4 * max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.dns_min_time_between_resolutions_ms", 5_000),
+        ])
+        self._generate = self.channel.unary_stream(f"/{INFERENCE_SERVICE}/Generate", request_serializer=None,
+                                                   response_deserializer=None)
+
+    def generate(self, request: bytes, timeout_s: float | None):
+        return self._generate(request, timeout=timeout_s, wait_for_ready=False)
+
+    async def close(self) -> None:
+        await self.channel.close()
