@@ -18,8 +18,8 @@ from skimage import data as skdata
 
 from conftest import ENGINE_ENV, ROOT
 from kimivl.client import AsyncClient, Client, InvalidArgument
-from prepared_cases import mutations
 from kimivl.v1 import inference_pb2, inference_pb2_grpc, types_pb2
+from prepared_cases import mutations
 
 pytestmark = pytest.mark.engine
 

@@ -3,6 +3,7 @@ package the project installs has its row."""
 from __future__ import annotations
 
 import re
+
 import tomllib
 
 from conftest import ROOT

@@ -85,6 +85,8 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(own_tiers):
     deadline = time.monotonic() + 10
     while inf.health() == SERVING and time.monotonic() < deadline:
         time.sleep(0.1)
+    # Draining keeps the port open and says so: probes see NOT_SERVING, not a refused connection.
+    assert inf.health() == NOT_SERVING and inf.health("kimivl.v1.InferenceService") == NOT_SERVING
     with Client(pre.target, timeout_s=30) as c, pytest.raises(Unavailable):
         c.chat(["New request", image], sampling={"max_tokens": 4})
     t.join(120)
