@@ -11,9 +11,10 @@ import time
 from dataclasses import dataclass
 
 from kimivl_contract.errors import RequestError
+from kimivl_contract.identity import tensor_identity
 from kimivl_contract.prepared import PromptLimits, check_prepared_prompt
 
-from .codec import PromptWire, tensor_content_hash
+from .codec import PromptWire
 from .image import ImageError
 from .pool import ImagePool
 from .prompt import PromptBuilder, messages_from_proto, raw_prompt_images
@@ -60,7 +61,7 @@ class Preprocessor:
             raise RequestError("input is not set; give conversation or raw_prompt")
         if len(images) > self.max_images:
             raise RequestError(f"the request has {len(images)} images; the limit is {self.max_images}",
-                               resource_exhausted=True)
+                               resource_exhausted=True, field=f"{kind}", limit=self.max_images)
 
         def text_and_ids():
             text = render()
@@ -91,11 +92,11 @@ class Preprocessor:
         try:
             return await self.pool.process(data, dtype)
         except ImageError as e:
-            raise RequestError(f"{field}: {e}", resource_exhausted=e.too_large) from None
+            raise RequestError(f"{field}: {e}", resource_exhausted=e.too_large, field=field) from None
 
     def _take_prepared(self, prompt, t0: float) -> Prepared:
         tensor_data: list[bytes] = []
         check_prepared_prompt(prompt, self.limits, field="prepared_prompt", tensor_data=tensor_data)
         for img, data in zip(prompt.images, tensor_data, strict=True):
-            img.content_hash = tensor_content_hash(img, data)
+            img.content_hash = tensor_identity(img, data)  # a client's own hash is never trusted
         return Prepared(PromptWire.from_message(prompt), "", (time.perf_counter() - t0) * 1e3)
