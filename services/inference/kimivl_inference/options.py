@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from kimivl_hosting.options import add_connection_arguments, add_server_tls_arguments
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -89,3 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-stats-interval-s", type=float, default=10.0,
                    help="log vLLM's engine stats (running/waiting requests, throughput, KV cache use) this often, "
                         "as `vllm serve` does (0 = off)")
+    add_server_tls_arguments(p, who="give the CA that signs the front doors' client certificates, so that only "
+                                    "they reach this internal tier")
+    # Clients only re-resolve DNS when a connection ends: cycling connections lets the front door
+    # discover inference pods added by a scale-up; streams in flight get the grace to finish.
+    add_connection_arguments(p, age_s=300.0, age_grace_s=3600.0)

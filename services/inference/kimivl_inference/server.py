@@ -13,6 +13,8 @@ import os
 import time
 
 from kimivl_hosting.grpc_host import GrpcHost
+from kimivl_hosting.options import connection_options
+from kimivl_hosting.tls import server_tls
 
 from .servicer import INFERENCE_SERVICE, InferenceServicer, handlers
 from .vllm_engine import start_engine
@@ -20,23 +22,16 @@ from .vllm_engine import start_engine
 log = logging.getLogger("kimivl.inference")
 MiB = 1 << 20
 
-# Clients only re-resolve DNS when a connection ends: cycling connections lets the front door
-# discover inference pods added by a scale-up. Streams in flight get the grace period (long
-# generations) to finish.
-CONNECTION_AGE_OPTIONS = [
-    ("grpc.max_connection_age_ms", 5 * 60_000),
-    ("grpc.max_connection_age_grace_ms", 60 * 60_000),
-]
-
-
 async def serve(args) -> int:
+    tls = server_tls(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
     host = GrpcHost([INFERENCE_SERVICE], max_message_bytes=args.max_message_mb * MiB,
-                    options=CONNECTION_AGE_OPTIONS)
+                    options=connection_options(args))
     servicer = InferenceServicer(args.prefill_window_ms / 1e3)
     host.add_handlers(INFERENCE_SERVICE, handlers(servicer))
-    bound = host.bind(args.host, args.port)
+    bound = host.bind(args.host, args.port, tls.credentials() if tls else None)
     await host.start(serving=False, metrics_port=args.metrics_port)
-    log.info("inference tier listening on %s:%d; starting the engine", args.host, bound)
+    log.info("inference tier listening on %s:%d (%s); starting the engine", args.host, bound,
+             "plaintext" if tls is None else "mutual TLS" if tls.client_ca_file else "TLS")
 
     exit_code = 0
 

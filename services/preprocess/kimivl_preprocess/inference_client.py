@@ -31,9 +31,10 @@ SERVICE_CONFIG = {
 class InferenceClient:
     """``generate(request_bytes, timeout_s)``: a started call streaming raw GenerateResponse bytes."""
 
-    def __init__(self, target: str, max_message_bytes: int):
+    def __init__(self, target: str, max_message_bytes: int, *, credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None):
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=[
+        options = [
             ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
             ("grpc.enable_retries", 1),
             # Retries replay the buffered request; image requests are MBs, above the 256 KiB default.
@@ -46,7 +47,11 @@ class InferenceClient:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.dns_min_time_between_resolutions_ms", 5_000),
-        ])
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
+                        else grpc.aio.insecure_channel(target, options=options))
         self._generate = self.channel.unary_stream(f"/{INFERENCE_SERVICE}/Generate", request_serializer=None,
                                                    response_deserializer=None)
 

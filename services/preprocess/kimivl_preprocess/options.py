@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kimivl_hosting.options import add_connection_arguments, add_server_tls_arguments
+
 MiB = 1 << 20
 
 
@@ -43,8 +45,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let image URLs reach private, loopback and link-local addresses")
     p.add_argument("--url-timeout-s", type=float, default=10.0)
     p.add_argument("--url-max-redirects", type=int, default=3)
-    p.add_argument("--tls-cert-file", help="serve TLS with this PEM certificate chain (with --tls-key-file)")
-    p.add_argument("--tls-key-file", help="PEM private key for --tls-cert-file")
+    add_server_tls_arguments(p, who="e.g. internal callers only; API keys are the usual front-door credential")
+    g = p.add_argument_group("TLS towards the inference tier")
+    g.add_argument("--inference-tls-ca-file",
+                   help="reach the inference tier over TLS, verifying it against this PEM CA (default: plaintext)")
+    g.add_argument("--inference-tls-cert-file",
+                   help="present this PEM client certificate to the inference tier (mutual TLS; with "
+                        "--inference-tls-key-file). Read at start: rotate it with a rolling restart")
+    g.add_argument("--inference-tls-key-file", help="PEM private key for --inference-tls-cert-file")
+    g.add_argument("--inference-tls-server-name",
+                   help="the name the inference tier's certificate carries, when it is not the target's host")
+    # Public clients behind L4 balancers: bounded connection age lets them rebalance across pods.
+    add_connection_arguments(p, age_s=1800.0, age_grace_s=3600.0)
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM: how long in-flight RPCs may finish while new ones are refused")
     p.add_argument("--log-level", default="info")

@@ -12,10 +12,10 @@ import asyncio
 import logging
 import os
 
-import grpc
-
 from kimivl_contract.processor import ProcessorConfig
 from kimivl_hosting.grpc_host import GrpcHost
+from kimivl_hosting.options import connection_options
+from kimivl_hosting.tls import channel_credentials, server_tls
 
 from .chat import ChatFlow
 from .inference_client import InferenceClient
@@ -29,34 +29,36 @@ from .uploads import UploadGate
 log = logging.getLogger("kimivl.preprocess")
 
 
-def _credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
-    if bool(args.tls_cert_file) != bool(args.tls_key_file):
-        raise SystemExit("--tls-cert-file and --tls-key-file go together")
-    if not args.tls_cert_file:
-        return None
-    with open(args.tls_key_file, "rb") as k, open(args.tls_cert_file, "rb") as c:
-        return grpc.ssl_server_credentials([(k.read(), c.read())])
+def _tls_note(tls) -> str:
+    if tls is None:
+        return "plaintext"
+    return "TLS, client certificates required" if tls.client_ca_file else "TLS"
 
 
 async def serve(args: argparse.Namespace) -> None:
     max_msg = args.max_message_mb * MiB
-    credentials = _credentials(args)
+    tls = server_tls(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
+    inference_credentials = channel_credentials(args.inference_tls_ca_file, args.inference_tls_cert_file,
+                                                args.inference_tls_key_file)
     pool = ImagePool(ProcessorConfig.from_model_dir(args.model), workers=args.workers,
                      max_pixels=args.max_image_pixels)
     fetcher = ImageFetcher(FetchPolicy(max_image_bytes=args.max_image_bytes, timeout_s=args.url_timeout_s,
                                        max_redirects=args.url_max_redirects, allow_private=args.allow_private_urls))
     preprocessor = Preprocessor(args.model, pool, fetcher, max_images=args.max_images,
                                 max_model_len=args.max_model_len, max_tensor_bytes=max_msg - 16 * MiB)
-    inference = InferenceClient(args.inference_target, max_msg)
+    inference = InferenceClient(args.inference_target, max_msg, credentials=inference_credentials,
+                                server_name=args.inference_tls_server_name)
     flow = ChatFlow(preprocessor, inference, args.wire_dtype, UploadGate(args.inference_uploads))
 
-    host = GrpcHost([CHAT_SERVICE, PREPROCESS_SERVICE], max_message_bytes=max_msg)
+    host = GrpcHost([CHAT_SERVICE, PREPROCESS_SERVICE], max_message_bytes=max_msg, options=connection_options(args))
     for service, methods in handlers(ChatServicer(flow), PreprocessServicer(preprocessor)).items():
         host.add_handlers(service, methods)
-    bound = host.bind(args.host, args.port, credentials)
+    bound = host.bind(args.host, args.port, tls.credentials() if tls else None)
     await host.start(serving=True, metrics_port=args.metrics_port)
-    log.info("preprocess tier serving on %s:%d (inference target %s, %s image workers)",
-             args.host, bound, args.inference_target, pool.workers)
+    log.info("preprocess tier serving on %s:%d (%s; inference target %s over %s, %s image workers)",
+             args.host, bound, _tls_note(tls), args.inference_target,
+             "mutual TLS" if args.inference_tls_cert_file else "TLS" if inference_credentials else "plaintext",
+             pool.workers)
 
     await host.stop.wait()
     log.info("draining: refusing new RPCs, up to %.0f s for in-flight ones", args.drain_timeout_s)
