@@ -42,12 +42,44 @@ _ROLES = {"system": types_pb2.ROLE_SYSTEM, "user": types_pb2.ROLE_USER, "assista
 
 # ---------------------------------------------------------------------------- errors
 class KimiVLError(Exception):
-    """A failed RPC: ``code`` is the grpc.StatusCode, ``details`` the server's message."""
+    """A failed RPC: ``code`` is the grpc.StatusCode, ``details`` the server's message.
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    What programs read (the ``google.rpc`` details the servers attach): ``reason`` (a stable
+    code, e.g. ``LIMIT_EXCEEDED``, ``OVERLOADED``), ``field_violations`` (``[(field path,
+    description)]``), ``quota_violations`` (``[(subject, description)]``), ``retry_after_s`` (set
+    where retrying helps) and ``metadata`` (ErrorInfo's, e.g. ``{"field": ..., "limit": ...}``).
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata=()):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.reason: str | None = None
+        self.metadata: dict[str, str] = {}
+        self.field_violations: list[tuple[str, str]] = []
+        self.quota_violations: list[tuple[str, str]] = []
+        self.retry_after_s: float | None = None
+        for key, value in trailing_metadata or ():
+            if key == "grpc-status-details-bin":
+                self._read_details(value)
+
+    def _read_details(self, blob: bytes) -> None:
+        from google.rpc import error_details_pb2, status_pb2
+
+        for any_ in status_pb2.Status.FromString(blob).details:
+            for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.QuotaFailure,
+                         error_details_pb2.RetryInfo):
+                if any_.Is(kind.DESCRIPTOR):
+                    d = kind()
+                    any_.Unpack(d)
+                    if kind is error_details_pb2.ErrorInfo:
+                        self.reason, self.metadata = d.reason, dict(d.metadata)
+                    elif kind is error_details_pb2.BadRequest:
+                        self.field_violations += [(v.field, v.description) for v in d.field_violations]
+                    elif kind is error_details_pb2.QuotaFailure:
+                        self.quota_violations += [(v.subject, v.description) for v in d.violations]
+                    else:
+                        self.retry_after_s = d.retry_delay.ToNanoseconds() / 1e9
 
 
 class InvalidArgument(KimiVLError):
@@ -76,7 +108,11 @@ _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.RE
 
 
 def _error(e: grpc.RpcError) -> KimiVLError:
-    return _ERRORS.get(e.code(), KimiVLError)(e.code(), e.details() or "")
+    try:
+        trailers = e.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - an error raised before any trailer arrived
+        trailers = ()
+    return _ERRORS.get(e.code(), KimiVLError)(e.code(), e.details() or "", trailers)
 
 
 # ---------------------------------------------------------------------------- results

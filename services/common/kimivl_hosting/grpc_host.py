@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from kimivl_contract import errors
+
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -62,7 +64,8 @@ class _Drain(grpc.aio.ServerInterceptor):
 
 def _refusal(handler):
     async def refuse(request, context):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "this replica is draining; retry on another")
+        await errors.abort_with(context, grpc.StatusCode.UNAVAILABLE, "this replica is draining; retry on another",
+                                reason=errors.Reason.UNAVAILABLE, retry_after_s=0.1)
 
     async def refuse_stream(request, context):
         await refuse(request, context)

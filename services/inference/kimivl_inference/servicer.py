@@ -121,7 +121,8 @@ class InferenceServicer:
             await errors.abort(context, e)
         except EngineNotReady:
             code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, "the engine is still starting; retry when health reports SERVING")
+            await errors.abort_with(context, code, "the engine is still starting; retry when health reports SERVING",
+                                    reason=errors.Reason.UNAVAILABLE, retry_after_s=5.0)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED  # the consumer left: vLLM aborts the request on cancel
             raise
@@ -132,10 +133,11 @@ class InferenceServicer:
                 code = grpc.StatusCode.UNAVAILABLE
                 if self.on_engine_dead:
                     self.on_engine_dead()
-                await context.abort(code, "the inference engine died; this replica is restarting")
+                await errors.abort_with(context, code, "the inference engine died; this replica is restarting",
+                                        reason=errors.Reason.UNAVAILABLE, retry_after_s=1.0)
             log.exception("request %s failed", request.request_id)
             code = grpc.StatusCode.INTERNAL
-            await context.abort(code, f"internal error: {type(e).__name__}")
+            await errors.abort_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
             (metrics.WAITING if state == "waiting" else metrics.RUNNING).dec()
             if code is not None:

@@ -49,15 +49,17 @@ class ChatServicer:
             code = e.code()
             details = e.details() or ""
             if code == grpc.StatusCode.UNAVAILABLE:
-                details = f"inference tier unavailable at {self.flow.inference.target}: {details}"
-            await context.abort(code, details)
+                await errors.abort_with(context, code, f"inference tier unavailable at {self.flow.inference.target}: "
+                                        f"{details}", reason=errors.Reason.UNAVAILABLE, retry_after_s=1.0)
+            # The inference tier's own status, details included (it validated what we did not).
+            await context.abort(code, errors.clip(details), _status_trailers(e))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:  # a bug, not bad input: log it, answer a clean status
             log.exception("Chat %s failed", request.request_id)
             code = grpc.StatusCode.INTERNAL
-            await context.abort(code, f"internal error: {type(e).__name__}")
+            await errors.abort_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
             metrics.REQUESTS.labels("Chat", code.name).inc()
 
@@ -83,9 +85,13 @@ class PreprocessServicer:
         except Exception as e:  # a bug, not bad input: log it, answer a clean status
             log.exception("Preprocess failed")
             code = grpc.StatusCode.INTERNAL
-            await context.abort(code, f"internal error: {type(e).__name__}")
+            await errors.abort_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
             metrics.REQUESTS.labels("Preprocess", code.name).inc()
+
+
+def _status_trailers(e: grpc.aio.AioRpcError) -> tuple:
+    return tuple((k, v) for k, v in (e.trailing_metadata() or ()) if k == "grpc-status-details-bin")
 
 
 def handlers(chat: ChatServicer, preprocess: PreprocessServicer) -> dict[str, dict]:
