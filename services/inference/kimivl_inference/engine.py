@@ -13,6 +13,7 @@ import os
 import warnings
 
 from .options import PRESETS_BY_NAME, Preset, lower_preset, pick_preset
+from .vision_fastpath import RAW_PIXELS_KEY
 
 log = logging.getLogger("kimivl.engine")
 
@@ -128,11 +129,14 @@ def reinit_dummy_weights(worker, seed: int = 0) -> dict:
     return {"params": n, "mla_layers_rederived": mla}
 
 
-def build_engine_input(prompt, model_dtype, normalizer=None, tensor_data: list | None = None):
+def build_engine_input(prompt, model_dtype, normalizer=None, tensor_data: list | None = None,
+                       raw_pixels: bool = False):
     """A validated PreparedPrompt as vLLM's multimodal engine input. Floating tensors are views
     of the message bytes (``tensor_data``: each image's ``pixel_values.data``, already read by
     the validation; read here if None) unless a dtype cast is needed; uint8 (raw pixel) tensors
-    are normalized by ``normalizer`` (a :class:`~kimivl_inference.pixels.PixelNormalizer`)."""
+    are normalized by ``normalizer`` (a :class:`~kimivl_inference.pixels.PixelNormalizer`), or,
+    with ``raw_pixels`` (the engine runs the vision fast path) and every image uint8, handed to
+    the engine as they are under its own key, to be normalized on the device."""
     import torch
     from transformers import BatchFeature
     from vllm.inputs.engine import mm_input
@@ -143,6 +147,7 @@ def build_engine_input(prompt, model_dtype, normalizer=None, tensor_data: list |
         from vllm.inputs import TokensPrompt
 
         return TokensPrompt(prompt_token_ids=token_ids)
+    raw = raw_pixels and all(img.pixel_values.dtype == 4 for img in prompt.images)
     tensors = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it
@@ -150,7 +155,9 @@ def build_engine_input(prompt, model_dtype, normalizer=None, tensor_data: list |
             t = img.pixel_values
             data = tensor_data[i] if tensor_data is not None else t.data
             x = torch.frombuffer(data, dtype=getattr(torch, _TORCH_DTYPES[t.dtype])).view(*t.shape)
-            if x.dtype == torch.uint8:
+            if raw:
+                tensors.append(x)
+            elif x.dtype == torch.uint8:
                 if normalizer is None:
                     raise ValueError("uint8 pixel values need a PixelNormalizer")
                 tensors.append(normalizer(x))
@@ -158,9 +165,10 @@ def build_engine_input(prompt, model_dtype, normalizer=None, tensor_data: list |
                 tensors.append(x.to(model_dtype))  # vLLM casts processor outputs to the model dtype too
     pixel_values = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
     grid = torch.tensor([[img.grid_height, img.grid_width] for img in prompt.images], dtype=torch.int64)
-    hf = BatchFeature({"pixel_values": pixel_values, "image_grid_hws": grid})
+    key = RAW_PIXELS_KEY if raw else "pixel_values"  # a key of its own: never batched with float patches
+    hf = BatchFeature({key: pixel_values, "image_grid_hws": grid})
     fields = {  # = vLLM's KimiVLMultiModalProcessor._get_mm_fields_config
-        "pixel_values": MultiModalFieldConfig.flat_from_sizes("image", grid.prod(-1)),
+        key: MultiModalFieldConfig.flat_from_sizes("image", grid.prod(-1)),
         "image_grid_hws": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
     }
     return mm_input(

@@ -28,6 +28,8 @@ from .admission import PrefillGrouper
 from .engine import build_engine_input, reinit_dummy_weights, start_engine
 from .generation import GenerationStats, end_marker_token_ids, generate
 from .pixels import PixelNormalizer, read_normalization
+from .vision_fastpath import configure_engine_processes
+from .warmup import warm_up
 
 log = logging.getLogger("kimivl.inference")
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -47,6 +49,9 @@ WAITING = Gauge("kimivl_requests_waiting", "Requests admitted, waiting for their
 ERRORS = Counter("kimivl_request_errors_total", "Failed requests by gRPC status code", ["code"])
 # vLLM may turn prefix caching off whatever was asked (e.g. MLA models on CPUs without AMX).
 PREFIX_CACHING = Gauge("kimivl_engine_prefix_caching", "1 when the engine's prefix cache is on")
+VISION_FASTPATH = Gauge("kimivl_vision_fastpath_active",
+                        "1 when the engine runs the project's vision fast path (--no-vision-fastpath turns it off)")
+WARMUP_SECONDS = Gauge("kimivl_warmup_seconds", "How long the start-up warm-up (--warmup-grids) took")
 
 
 class EngineNotReady(Exception):
@@ -63,6 +68,7 @@ class InferenceServicer:
         self.end_marker_ids: list[int] = []
         self.model_dtype = None
         self.normalizer: PixelNormalizer | None = None
+        self.raw_pixels = False  # hand uint8 patches to the engine (the vision fast path normalizes them)
         self.prefix_caching = False
         self.max_message_bytes = max_message_bytes
         self.on_engine_dead = None
@@ -113,7 +119,7 @@ class InferenceServicer:
                 request.request_id = uuid.uuid4().hex
             if request.prompt.images:  # tensor work (uint8 normalization) off the event loop
                 engine_input = await asyncio.to_thread(build_engine_input, request.prompt, self.model_dtype,
-                                                       self.normalizer, tensor_data)
+                                                       self.normalizer, tensor_data, self.raw_pixels)
             else:
                 engine_input = build_engine_input(request.prompt, self.model_dtype)
             if request.prompt.images and self.grouper.enabled:
@@ -218,7 +224,7 @@ async def serve(args) -> int:
     engine = None
     if start in done:
         try:
-            engine, tokenizer, preset = start.result()
+            engine, tokenizer, preset, fastpath = start.result()
         except Exception:
             log.exception("the engine failed to start")
             exit_code = 1
@@ -228,6 +234,13 @@ async def serve(args) -> int:
                 info = await engine.collective_rpc(reinit_dummy_weights, args=(args.seed,))
                 log.info("dummy weights re-initialised: %s", info)
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
+            servicer.raw_pixels = fastpath.raw_pixels
+            VISION_FASTPATH.set(int(fastpath.active))
+            log.info("vision fast path %s", fastpath.detail)
+            if args.warmup_grids and not await _warm_up(servicer, tokenizer, args, engine):
+                exit_code = 1
+                stop.set()
+        if not exit_code and not stop.is_set():
             for name in ("", INFERENCE_SERVICE):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s, prefix caching %s, "
@@ -256,16 +269,35 @@ async def serve(args) -> int:
     return exit_code
 
 
+async def _warm_up(servicer, tokenizer, args, engine) -> bool:
+    """The start-up warm-up, before SERVING; False if the engine failed it."""
+    grids = ", ".join(f"{h}x{w}" for h, w in args.warmup_grids)
+    log.info("warm-up: grids %s", grids)
+    try:
+        report = await warm_up(servicer, tokenizer, args.warmup_grids, args.max_num_batched_tokens or getattr(
+            getattr(getattr(engine, "vllm_config", None), "scheduler_config", None), "max_num_batched_tokens", None))
+    except Exception:
+        log.exception("the warm-up failed: the engine cannot serve these images%s",
+                      "" if args.no_vision_fastpath else " (try --no-vision-fastpath)")
+        return False
+    WARMUP_SECONDS.set(report.seconds)
+    log.info("warm-up done: %d requests in %.1f s%s", report.requests, report.seconds,
+             f" (skipped {', '.join(report.skipped)})" if report.skipped else "")
+    return True
+
+
 def _start(args):
     from transformers import AutoTokenizer
 
+    # Before the engine args are made: vLLM runs its plugins (ours reads this environment) from then on.
+    fastpath = configure_engine_processes(not args.no_vision_fastpath, args.posemb_cache_mb)
     engine, preset = start_engine(args)
     if args.torch_threads > 0:  # after the engine core process exists: it keeps its own thread count
         import torch
 
         torch.set_num_threads(args.torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
-    return engine, tokenizer, preset
+    return engine, tokenizer, preset, fastpath
 
 
 def _torch_threads() -> int:
