@@ -260,6 +260,7 @@ def plugin_allowed() -> bool:
 # --------------------------------------------------------------------------- patching
 _ORIGINALS: dict[tuple[str, str], object] = {}  # (module, "Class.attr") -> vLLM's own object
 _ACTIVE: set[str] = set()
+_APPLIED_FROM_ENV: list[bool] = []
 
 
 def _target(module_name: str, qualname: str):
@@ -547,6 +548,10 @@ def apply_from_env() -> Verdict | None:
         return None
     try:
         verdict = installed_verdict()
+        if _APPLIED_FROM_ENV and _ACTIVE == (set(WATCHED) & verdict.active) \
+                and _budget["bytes"] == posemb_budget_bytes():
+            return verdict  # vLLM runs its plugins more than once per process
+        _APPLIED_FROM_ENV.append(True)
         set_posemb_budget(max_bytes=posemb_budget_bytes())
         on = set_components(WATCHED, verdict)
         level = logging.INFO if verdict.ok else logging.WARNING
