@@ -234,7 +234,9 @@ async def serve(args) -> int:
                 info = await engine.collective_rpc(reinit_dummy_weights, args=(args.seed,))
                 log.info("dummy weights re-initialised: %s", info)
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
-            servicer.raw_pixels = fastpath.raw_pixels
+            cc = getattr(getattr(engine, "vllm_config", None), "compilation_config", None)
+            # vLLM's encoder CUDA graphs look for "pixel_values" by name: no raw patches for them
+            servicer.raw_pixels = fastpath.raw_pixels and not getattr(cc, "cudagraph_mm_encoder", False)
             VISION_FASTPATH.set(int(fastpath.active))
             log.info("vision fast path %s", fastpath.detail)
             if args.warmup_grids and not await _warm_up(servicer, tokenizer, args, engine):
