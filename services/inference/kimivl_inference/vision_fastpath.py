@@ -276,8 +276,16 @@ def _target(module_name: str, qualname: str):
 def _original(module_name: str, qualname: str):
     key = (module_name, qualname)
     if key not in _ORIGINALS:
+        import inspect
+        import sys
+
         owner, attr = _target(module_name, qualname)
-        _ORIGINALS[key] = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        fn = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        code = getattr(inspect.unwrap(fn), "__code__", None)
+        if code is None or code.co_filename != sys.modules[module_name].__file__:
+            # someone else's patch is in place: the fingerprinted source is not what would run
+            raise RuntimeError(f"{module_name}.{qualname} is not vLLM's own ({code and code.co_filename})")
+        _ORIGINALS[key] = fn
     return _ORIGINALS[key]
 
 
@@ -542,28 +550,66 @@ def active_components() -> set[str]:
     return set(_ACTIVE)
 
 
-def apply_from_env() -> Verdict | None:
-    """The plugin's hook: patch this process if KIMIVL_VISION_FASTPATH asks for it. Never raises."""
-    if not requested():
-        return None
+def _apply(verdict: Verdict) -> None:
     try:
-        verdict = installed_verdict()
-        if _APPLIED_FROM_ENV and _ACTIVE == (set(WATCHED) & verdict.active) \
-                and _budget["bytes"] == posemb_budget_bytes():
-            return verdict  # vLLM runs its plugins more than once per process
-        _APPLIED_FROM_ENV.append(True)
         set_posemb_budget(max_bytes=posemb_budget_bytes())
         on = set_components(WATCHED, verdict)
-        level = logging.INFO if verdict.ok else logging.WARNING
-        log.log(level, "Kimi-VL vision fast path in pid %d: %s", os.getpid(),
-                "active (" + ", ".join(sorted(on)) + ")" if on else "off")
+        log.log(logging.INFO if verdict.ok else logging.WARNING, "Kimi-VL vision fast path in pid %d: %s",
+                os.getpid(), "active (" + ", ".join(sorted(on)) + ")" if on else "off")
         if not verdict.ok:
             log.warning("vision fast path: %s", verdict.summary())
-        return verdict
     except Exception:  # a plugin must never take vLLM down: stock vLLM runs
         log.exception("Kimi-VL vision fast path not applied")
         set_components((), Verdict({}))
+
+
+class _AfterImport:
+    """A meta-path finder that runs a callback once ``module`` has been executed, so a process
+    that never builds the model (the tier, an API server) never imports vLLM's model code."""
+
+    def __init__(self, module: str, callback):
+        self.module, self.callback = module, callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.module:
+            return None
+        import sys
+
+        sys.meta_path.remove(self)  # once; and the lookup below must not find us again
+        spec = next((sp for f in sys.meta_path if hasattr(f, "find_spec")
+                     for sp in [f.find_spec(fullname, path, target)] if sp is not None), None)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module, callback = spec.loader.exec_module, self.callback
+
+        def exec_then_patch(module):
+            exec_module(module)
+            callback()
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+def apply_from_env() -> Verdict | None:
+    """The plugin's hook: if KIMIVL_VISION_FASTPATH asks for it, patch this process now if vLLM's
+    Kimi-VL module is loaded, else as soon as it is. Idempotent; never raises."""
+    if not requested():
         return None
+    import sys
+
+    try:
+        verdict = installed_verdict()
+    except Exception:
+        log.exception("Kimi-VL vision fast path: the version check failed; stock vLLM runs")
+        return None
+    if _APPLIED_FROM_ENV:  # vLLM runs its plugins more than once per process
+        return verdict
+    _APPLIED_FROM_ENV.append(True)
+    if _M_KIMI_VL in sys.modules:
+        _apply(verdict)
+    else:
+        sys.meta_path.insert(0, _AfterImport(_M_KIMI_VL, lambda: _apply(verdict)))
+    return verdict
 
 
 @dataclass(frozen=True)
