@@ -49,7 +49,7 @@ def start_inference(port: int | None = None, extra: list[str] = ()) -> ServerPro
                                        "--port", str(port), "--metrics-port", str(free_port()), "--device", "cpu",
                                        "--enforce-eager", "--max-model-len", "8192", "--limit-mm-per-prompt", "8",
                                        "--max-num-batched-tokens", "8192",
-                                       "--drain-timeout-s", "20", *extra], port)
+                                       "--drain-timeout-s", "20", "--warmup-grids", "none", *extra], port)
 
 
 def start_preprocess(inference_target: str, extra: list[str] = ()) -> ServerProcess:

@@ -16,8 +16,11 @@ from kimivl_hosting.grpc_host import GrpcHost
 from kimivl_hosting.options import connection_options
 from kimivl_hosting.tls import server_tls
 
+from . import metrics
 from .servicer import INFERENCE_SERVICE, InferenceServicer, handlers
+from .vision_fastpath import configure_engine_processes
 from .vllm_engine import start_engine
+from .warmup import warm_up
 
 log = logging.getLogger("kimivl.inference")
 MiB = 1 << 20
@@ -47,7 +50,7 @@ async def serve(args) -> int:
     engine = None
     if start in done:
         try:
-            engine, tokenizer, preset = start.result()
+            engine, tokenizer, preset, fastpath = start.result()
         except Exception:
             log.exception("the engine failed to start")
             exit_code = 1
@@ -59,6 +62,15 @@ async def serve(args) -> int:
                 info = await engine.collective_rpc(reinit_dummy_weights, args=(args.seed,))
                 log.info("dummy weights re-initialised: %s", info)
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
+            cc = getattr(getattr(engine, "vllm_config", None), "compilation_config", None)
+            # vLLM's encoder CUDA graphs look for "pixel_values" by name: no raw patches for them
+            servicer.raw_pixels = fastpath.raw_pixels and not getattr(cc, "cudagraph_mm_encoder", False)
+            metrics.VISION_FASTPATH.set(int(fastpath.active))
+            log.info("vision fast path %s", fastpath.detail)
+            if args.warmup_grids and not await _warm_up(servicer, tokenizer, args, engine):
+                exit_code = 1
+                host.stop.set()
+        if not exit_code and not host.stop.is_set():
             await host.set_serving(True)
             log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s, prefix caching %s, "
                      "torch threads here %d, prefill window %s); SERVING", time.perf_counter() - t0,
@@ -85,16 +97,35 @@ async def serve(args) -> int:
     return exit_code
 
 
+async def _warm_up(servicer, tokenizer, args, engine) -> bool:
+    """The start-up warm-up, before SERVING; False if the engine failed it."""
+    grids = ", ".join(f"{h}x{w}" for h, w in args.warmup_grids)
+    log.info("warm-up: grids %s", grids)
+    try:
+        report = await warm_up(servicer, tokenizer, args.warmup_grids, args.max_num_batched_tokens or getattr(
+            getattr(getattr(engine, "vllm_config", None), "scheduler_config", None), "max_num_batched_tokens", None))
+    except Exception:
+        log.exception("the warm-up failed: the engine cannot serve these images%s",
+                      "" if args.no_vision_fastpath else " (try --no-vision-fastpath)")
+        return False
+    metrics.WARMUP_SECONDS.set(report.seconds)
+    log.info("warm-up done: %d requests in %.1f s%s", report.requests, report.seconds,
+             f" (skipped {', '.join(report.skipped)})" if report.skipped else "")
+    return True
+
+
 def _start(args):
     from transformers import AutoTokenizer
 
+    # Before the engine args are made: vLLM runs its plugins (ours reads this environment) from then on.
+    fastpath = configure_engine_processes(not args.no_vision_fastpath, args.posemb_cache_mb)
     engine, preset = start_engine(args)
     if args.torch_threads > 0:  # after the engine core process exists: it keeps its own thread count
         import torch
 
         torch.set_num_threads(args.torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
-    return engine, tokenizer, preset
+    return engine, tokenizer, preset, fastpath
 
 
 def _torch_threads() -> int:

@@ -45,6 +45,7 @@ class InferenceServicer:
         self.end_marker_ids: list[int] = []
         self.model_dtype = None
         self.normalizer: PixelNormalizer | None = None
+        self.raw_pixels = False  # hand uint8 patches to the engine (the vision fast path normalizes them)
         self.prefix_caching = False
         self.on_engine_dead = None
 
@@ -90,7 +91,7 @@ class InferenceServicer:
                 request.request_id = uuid.uuid4().hex
             if request.prompt.images:  # tensor work (uint8 normalization) off the event loop
                 engine_input = await asyncio.to_thread(build_engine_input, request.prompt, self.model_dtype,
-                                                       self.normalizer, tensor_data)
+                                                       self.normalizer, tensor_data, self.raw_pixels)
             else:
                 engine_input = build_engine_input(request.prompt, self.model_dtype)
             if request.prompt.images and self.grouper.enabled:
