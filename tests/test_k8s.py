@@ -825,3 +825,28 @@ def test_inference_pool():
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     assert sc["readOnlyRootFilesystem"] is True
     assert not _all(_docs("overlays/gpu"), "InferencePool"), "the inference gateway is an add-on"
+
+
+# Which image each container runs (docs/kubernetes.md, "Which image runs where"): the
+# preprocessing image has no torch, so everything that writes weights runs the inference one.
+IMAGES = {
+    "cpu-dev": {"kimivl-preprocess/preprocess": "kimivl-preprocess:dev",
+                "kimivl-preprocess/make-tiny-model": "kimivl-inference:dev-cpu",
+                "kimivl-inference/inference": "kimivl-inference:dev-cpu",
+                "kimivl-inference/make-tiny-model": "kimivl-inference:dev-cpu"},
+    "gpu": {"kimivl-preprocess/preprocess": "ghcr.io/kimivl/kimivl-preprocess:0.1.0",
+            "kimivl-inference/inference": "ghcr.io/kimivl/kimivl-inference:0.1.0-cuda"},
+}
+IMAGES["gpu-keda"] = IMAGES["gpu"]
+IMAGES["gpu-gateway"] = {**IMAGES["gpu"], "kimivl-inference-epp/epp":
+                         "registry.k8s.io/gateway-api-inference-extension/epp:v1.5.0"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_per_overlay(overlay):
+    found = {}
+    for deploy in _all(_docs(f"overlays/{overlay}"), "Deployment"):
+        pod = deploy["spec"]["template"]["spec"]
+        for c in pod["containers"] + (pod.get("initContainers") or []):
+            found[f"{deploy['metadata']['name']}/{c['name']}"] = c["image"]
+    assert found == IMAGES[overlay]
