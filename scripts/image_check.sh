@@ -200,7 +200,7 @@ inference)
         serve inference --model "$MODEL_IN" --host 127.0.0.1 --port "$INF_PORT" \
         --metrics-port "$INF_METRICS" --device cpu --enforce-eager --max-model-len 4096 \
         --max-num-seqs 4 --drain-timeout-s 20
-    probe health "127.0.0.1:$INF_PORT" kimivl.v1.InferenceService --timeout-s 600 --pid "$STARTED_PID" \
+    probe health "127.0.0.1:$INF_PORT" kimivl.v1.InferenceService --timeout-s 900 --pid "$STARTED_PID" \
         || { tail -n 40 "$OUT_DIR/serve-inference.log" >&2; die "the inference tier from the image is not SERVING"; }
     report "engine SERVING after (s)" "$((SECONDS - t0))"
     # The signals k8s/components/keda and the endpoint-picker example read.
