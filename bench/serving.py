@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats-for", default="", help="per phase: 'photos/burst=3,documents=1,photos/poisson@*=1'")
     g.add_argument("--phase-systems", default="", help="which systems run a phase (default all): "
                    "'idle=ours|ceiling,documents=ours|ceiling'")
+    g.add_argument("--late", default="", help="phases that run after every round of the others (a deadline cuts "
+                   "them first), e.g. 'photos/poisson@*'")
     g.add_argument("--order", choices=["rotate", "fixed"], default="rotate",
                    help="co-resident rounds: A B C, B C A, C A B (rotate) or A B C every round (fixed)")
     g.add_argument("--fresh-burst", default="", help="systems whose first requests are a photo burst of their own "
@@ -145,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 16, 1 with --cpu; 0 = each before its phase)")
     p.add_argument("--no-chunks", action="store_true", help="leave per-message token times out of results.json")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
-                   help="merge results.json files into --out; FILE#TAG renames that file's ours systems 'ours:N TAG'")
+                   help="merge results.json files into --out; FILE#TAG renames that file's ours systems 'ours:N TAG'; "
+                        "with --no-chunks the records lose their per-message token times")
+    p.add_argument("--gzip", action="store_true", help="--merge: write results.json.gz (as docs keep them)")
     g = p.add_argument_group("workloads (GPU defaults shown; --cpu has tiny ones)")
     for w, spec in WORKLOADS.items():
         for k, v in spec.items():
@@ -173,7 +177,7 @@ def main() -> int:
 
     args = build_parser().parse_args()
     if args.merge:
-        merge(args.merge, args.out)
+        merge(args.merge, args.out, drop_chunks=args.no_chunks, compress=args.gzip)
         return 0
     if not args.model:
         raise SystemExit("--model is required")

@@ -425,7 +425,7 @@ def report(results: dict, out: str) -> None:
         log("wrote", p)
 
 
-def merge(paths: list[str], out: str) -> None:
+def merge(paths: list[str], out: str, drop_chunks: bool = False, compress: bool = False) -> None:
     """Join results files. Each file's repeats stay its own (a system measured in two files has
     more repeats, never one cell overriding another); ratios pair only within one invocation.
     FILE#TAG names that file's ours systems "ours:N TAG", to set configurations side by side."""
@@ -440,10 +440,16 @@ def merge(paths: list[str], out: str) -> None:
             run["invocation"] = run.get("invocation", 0) + base
             if tag and run["kind"] == "ours":
                 run["system"] = f"{run['system']} {tag}"
+            if drop_chunks:  # per-message token times; the report keeps only engine_steps made from them
+                for ph in run.get("phases", []):
+                    for rec in ph.get("records", []):
+                        rec.pop("chunks", None)
             merged["runs"].append(run)
     for w in merge_warnings(merged):
         log("WARNING:", w)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
+    path = os.path.join(out, "results.json" + (".gz" if compress else ""))
+    with (gzip.open(path, "wt", compresslevel=9) if compress else open(path, "w")) as f:
         json.dump(merged, f, separators=(",", ":"))
+    log("wrote", path)
     report(merged, out)

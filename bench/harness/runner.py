@@ -55,7 +55,8 @@ class Bench:
                                     [(w, ph["phase"]) for w, phs in self.phases.items() for ph in phs],
                                     repeats=args.repeats, overrides=schedule.parse_repeats_for(args.repeats_for),
                                     fresh=fresh, order=args.order, co_resident=args.co_resident,
-                                    phase_systems=schedule.parse_phase_systems(args.phase_systems, list(self.systems)))
+                                    phase_systems=schedule.parse_phase_systems(args.phase_systems, list(self.systems)),
+                                    late=[x.strip() for x in args.late.split(",") if x.strip()])
         self.results = {"schema": 2, "invocations": [self.invocation()], "runs": []}
         self._reqs: dict = {}
         self._payloads: dict = {}  # the ceiling's prepared payloads, (workload, phase, repeat) -> list
@@ -70,7 +71,7 @@ class Bench:
                 "model": os.path.abspath(a.model), "mode": "cpu" if a.cpu else "gpu", "engine": self.e,
                 "workloads": self.specs, "slo_ttft_p90_s": a.slo_ttft_p90_s, "systems": a.systems,
                 "cpu_repack": a.cpu_repack, "co_resident": a.co_resident, "order": a.order,
-                "repeats": a.repeats, "repeats_for": a.repeats_for, "phase_systems": a.phase_systems, "warmup_per_unit": a.warmup,
+                "repeats": a.repeats, "repeats_for": a.repeats_for, "phase_systems": a.phase_systems, "late": a.late, "warmup_per_unit": a.warmup,
                 "gpu_shares": {n: s.info["gpu_share"] for n, s in self.systems.items()},
                 "placement": self.placement.as_dict(),
                 "vllm_serve_count_tokens": "return_token_ids" if not a.vllm_no_token_ids else "usage",
@@ -115,11 +116,11 @@ class Bench:
         import loadgen as lg
 
         a = self.a
-        self.placement.apply_to_self()
         t = time.perf_counter()
-        for u in self.units:  # every request file, before any system starts
+        for u in self.units:  # every request file, before any system starts (on every CPU: nothing runs yet)
             self.requests(u["workload"], u["phase"], u["repeat"])
         log(f"request files ready in {time.perf_counter() - t:.1f} s")
+        self.placement.apply_to_self()
         for line in schedule.describe(self.units):
             log("order:", line)
         self.samplers = lg.Samplers()

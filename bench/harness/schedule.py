@@ -4,7 +4,8 @@ Co-resident (``--co-resident``): every system is started once, then each round r
 one repeat on every system in turn, so repeats interleave: A B C, A B C, ... (``--order fixed``)
 or A B C, B C A, C A B (``--order rotate``, the default: every system takes every position, so
 what runs first or after whom is spread over the repeats). Each unit gets the same untimed
-warm-up first. A fresh system's first burst (``--fresh-burst``) comes before anything else.
+warm-up first. A fresh system's first burst (``--fresh-burst``) comes before anything else;
+phases named in ``--late`` run after every round of the others (what a deadline cuts first).
 
 One at a time (the default): each system is started, runs all its units (repeats back to back),
 and is stopped before the next starts; consecutive ours:N with the same flags keep their tier.
@@ -61,7 +62,7 @@ def systems_of(w: str, phase: str, systems: list[str], overrides) -> list[str]:
 
 
 def build(systems: list[str], phases: list[tuple[str, str]], *, repeats: int, overrides, fresh: list[str],
-          order: str, co_resident: bool, phase_systems=()) -> list[dict]:
+          order: str, co_resident: bool, phase_systems=(), late=()) -> list[dict]:
     """Units in run order. ``phases``: (workload, phase) in workload order."""
     reps = {(w, p): repeats_of(w, p, repeats, overrides) for w, p in phases}
     who = {(w, p): systems_of(w, p, systems, phase_systems) for w, p in phases}
@@ -74,14 +75,16 @@ def build(systems: list[str], phases: list[tuple[str, str]], *, repeats: int, ov
     if co_resident:
         for s in fresh:
             unit(s, "photos", FRESH_PHASE, 0, fresh=True, round=0)
-        for r in range(rounds):
-            k = r % max(1, len(systems))
-            turn = systems[k:] + systems[:k] if order == "rotate" else systems
-            for w, p in phases:
-                if reps[(w, p)] > r:
-                    for s in turn:
-                        if s in who[(w, p)]:
-                            unit(s, w, p, r, round=r + 1)
+        early = [ph for ph in phases if not _matches(ph, late)]
+        for group in (early, [ph for ph in phases if ph not in early]):  # --late phases after all other rounds
+            for r in range(rounds):
+                k = r % max(1, len(systems))
+                turn = systems[k:] + systems[:k] if order == "rotate" else systems
+                for w, p in group:
+                    if reps[(w, p)] > r:
+                        for s in turn:
+                            if s in who[(w, p)]:
+                                unit(s, w, p, r, round=r + 1)
     else:
         for s in systems:
             if s in fresh:
@@ -91,6 +94,15 @@ def build(systems: list[str], phases: list[tuple[str, str]], *, repeats: int, ov
                     if reps[(w, p)] > r and s in who[(w, p)]:
                         unit(s, w, p, r, round=r + 1)
     return units
+
+
+def _matches(ph: tuple[str, str], patterns) -> bool:
+    w, p = ph
+    for pat in patterns:
+        wp, _, pp = pat.partition("/")
+        if fnmatch.fnmatchcase(w, wp) and (not pp or fnmatch.fnmatchcase(p, pp)):
+            return True
+    return False
 
 
 def describe(units: list[dict]) -> list[str]:
