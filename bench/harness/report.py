@@ -286,6 +286,11 @@ def markdown(results: dict) -> str:
                    for s, e in rows if e["s"].get("cpu_s_per_req_by_process")]
         if by_proc:
             lines += ["", "CPU s/req by process: " + "; ".join(by_proc)]
+        idle = [f"{s}{' r' + str(e['repeat'] + 1) if reps[s] > 1 else ''}: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in e["s"]["idle_systems_cpu_s"].items())
+                for s, e in rows if e["s"].get("idle_systems_cpu_s")]
+        if idle:
+            lines += ["", "CPU-s the other (idle) co-resident systems used meanwhile: " + "; ".join(idle)]
         errs = [f"{s}: {e['s']['error_examples']}" for s, e in rows if e["s"].get("error_examples")]
         if errs:
             lines += ["", "errors: " + "; ".join(errs)]

@@ -390,6 +390,18 @@ class Bench:
             del self._payloads[k]
         return got, True
 
+    def _idle_roles(self, s) -> dict[str, dict]:
+        """The processes of the other started systems (not this process, not s's own)."""
+        mine = set(s.roles.values())
+        out = {}
+        for n, o in self.systems.items():
+            if o is s or not o.started:
+                continue
+            r = {k: v for k, v in o.roles.items() if k != "bench" and v not in mine}
+            if r:
+                out[n] = r
+        return out
+
     # ------------------------------------------------------------------------ one measured phase
     async def run_phase(self, s, w, phase, r, limit_s) -> dict:
         import loadgen as lg
@@ -409,6 +421,8 @@ class Bench:
         phase_limit = a.phase_limit_s if ph["pattern"] != "poisson" else ph["n"] / ph["rate"] + a.drain_s
         if limit_s is not None:
             phase_limit = min(phase_limit, limit_s)
+        idle = self._idle_roles(s)
+        idle0 = {n: lg.cpu_seconds_by_process(r) for n, r in idle.items()}
         by_proc0, own0 = lg.cpu_seconds_by_process(s.roles, s.alone), time.process_time()
         w0 = time.perf_counter()
         kw = {"timeout_s": a.request_timeout_s, "limit_s": phase_limit}
@@ -423,6 +437,8 @@ class Bench:
             t0 = await lg.run_sequential(s.sender, payloads, recs, **kw)
         w1 = time.perf_counter()
         by_proc = lg.cpu_delta_by_label(by_proc0, lg.cpu_seconds_by_process(s.roles, s.alone))
+        idle_cpu = {n: round(sum(lg.cpu_delta_by_label(idle0[n], lg.cpu_seconds_by_process(r)).values()), 2)
+                    for n, r in idle.items()}
         own_cpu = time.process_time() - own0
         del payloads
         jrecs = [x.to_json(t0, keep_chunks=not a.no_chunks) for x in recs]
@@ -439,6 +455,8 @@ class Bench:
             summary["server_cpu_s_per_req"] = round(sum(by_proc.values()) / n, 4)
         # Per process (the ceiling's engine core is this process's child): which one does the work.
         summary["cpu_s_per_req_by_process"] = {k: round(v / n, 4) for k, v in sorted(by_proc.items())}
+        if idle_cpu:  # what the co-resident systems that sat idle used meanwhile (they should not spin)
+            summary["idle_systems_cpu_s"] = idle_cpu
         core = [v for k, v in by_proc.items() if ENGINE_PROCS.search(k)]
         summary["engine_core_cpu_s_per_req"] = round(sum(core) / n, 4) if core else None
         return {"workload": w, "phase": phase, "pattern": ph["pattern"], "rate": ph.get("rate"),
