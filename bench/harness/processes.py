@@ -182,9 +182,11 @@ def kv_cache_tokens(log_text: str) -> int | None:
     return int(m[-1].replace(",", "")) if m else None
 
 
-def matching_lines(log_text: str, pattern: str, limit: int = 4) -> list[str]:
+def matching_lines(log_text: str, pattern: str, limit: int = 4, first: str = "kimivl.inference") -> list[str]:
+    """Log lines matching ``pattern`` (not the "$ command" line), those naming ``first`` first."""
     rx = re.compile(pattern, re.IGNORECASE)
-    return [line.strip()[:300] for line in log_text.splitlines() if rx.search(line)][:limit]
+    got = [line.strip()[:300] for line in log_text.splitlines() if rx.search(line) and not line.startswith("$ ")]
+    return sorted(got, key=lambda line: first not in line)[:limit]
 
 
 def collect_logs(out: str, keep_head: int = 150, keep_tail: int = 250) -> None:

@@ -245,9 +245,10 @@ class CeilingEngine:
         for pid in self.engine_pids.values():  # the engine on the engine's CPUs ...
             set_tree(pid, self.pl.engine)
         self.pl.apply_to_self()  # ... and this process's threads, new ones included, back on the load gen's
-        cc = self.engine.vllm_config.cache_config
-        if cc.num_gpu_blocks:
-            self.info["kv_cache_tokens"] = int(cc.num_gpu_blocks) * int(cc.block_size)
+        with contextlib.suppress(Exception):  # the engine core reports its blocks at start-up
+            cc = self.engine.vllm_config.cache_config
+            if cc.num_gpu_blocks:
+                self.info["kv_cache_tokens"] = int(cc.num_gpu_blocks) * int(cc.block_size)
         self.info["preprocessing"] = (f"in-process kimivl_preprocess.Preprocessor ({self.pool.workers} threads) + "
                                       "kimivl_inference.engine.build_engine_input, before each phase, not timed")
         if a.ceiling_stats_interval_s > 0:  # vLLM's stats lines, as the inference tier's --log-stats-interval-s
