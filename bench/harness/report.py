@@ -72,7 +72,8 @@ def _spec_label(cs, key) -> str:
         return ""
     ph = es[0]["ph"]
     sp = ph.get("spec") or {}
-    what = f"{sp['mp'].replace(',', '–')} MP" if sp.get("mp") else sp.get("size") or (
+    lo, _, hi = str(sp.get("mp") or "").partition(",")
+    what = f"{lo if hi in ('', lo) else lo + '–' + hi} MP" if sp.get("mp") else sp.get("size") or (
         f"{sp['side']}²" if sp.get("side") else "")
     return f" ({ph['n']} × {what})" if what else f" ({ph['n']})"
 
