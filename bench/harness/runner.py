@@ -152,6 +152,8 @@ class Bench:
                 prefetch.cancel()
                 with contextlib.suppress(BaseException):
                     await prefetch
+            for proc in self._procs():  # all drain at once; the stops below then only wait
+                proc.terminate()
             for s in self.systems.values():
                 with contextlib.suppress(Exception):
                     await self.stop(s)
@@ -160,6 +162,11 @@ class Bench:
             self.samplers.close()
             self.results["invocations"][0]["samples"] = self.samplers.series(_t0())
             self.save()
+
+    def _procs(self) -> list:
+        procs = [t.proc for t in self.res.tiers.values()]
+        procs += [getattr(s, "pre", None) or getattr(s, "proc", None) for s in self.systems.values()]
+        return [p for p in procs if p is not None]
 
     async def start(self, name: str) -> bool:
         """Start a system (its reinit included); False if it cannot run."""
