@@ -169,9 +169,10 @@ def main() -> int:
         return 0
     import asyncio
     import json
+    import signal
 
     from harness import log
-    from harness.processes import collect_logs, project_paths
+    from harness.processes import collect_logs, kill_all, project_paths
     from harness.report import merge, report
     from harness.runner import Bench
 
@@ -192,11 +193,18 @@ def main() -> int:
     log(f"workloads: {json.dumps(bench.specs)}")
     log(f"placement: {json.dumps(bench.placement.as_dict())}; GPU shares: "
         f"{json.dumps(bench.results['invocations'][0]['gpu_shares'])}")
+    def on_term(signum, frame):  # a device call's timeout or a kill: clean up as on ^C
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         asyncio.run(bench.run())
     finally:
-        collect_logs(args.out)
-        report(bench.results, args.out)
+        try:
+            collect_logs(args.out)
+            report(bench.results, args.out)
+        finally:
+            kill_all()
     return 0
 
 

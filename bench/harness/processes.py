@@ -73,6 +73,18 @@ def child_env(cpu: bool, extra: dict | None = None) -> dict:
     return env
 
 
+_LIVE: set = set()  # every Proc not yet stopped, for kill_all()
+
+
+def kill_all() -> None:
+    """SIGKILL the process group of every server still running: the benchmark's last act,
+    whatever ended it (servers run in sessions of their own and would outlive it)."""
+    for proc in list(_LIVE):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _LIVE.discard(proc)
+
+
 class Proc:
     """A server process in its own process group, its output in a log file, optionally on a
     set of CPUs (inherited by everything it starts)."""
@@ -87,6 +99,7 @@ class Proc:
         self.p = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                   start_new_session=True, preexec_fn=pre)
         self.pid = self.p.pid
+        _LIVE.add(self)
 
     def alive(self) -> bool:
         return self.p.poll() is None
@@ -123,6 +136,7 @@ class Proc:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.p.wait(5)
         self._log.close()
+        _LIVE.discard(self)
 
 
 async def wait_grpc(port: int, proc: Proc, timeout_s: float) -> None:
