@@ -212,9 +212,7 @@ class Bench:
         if not s.started and getattr(s, "sender", None) is None:
             return
         t = time.perf_counter()
-        await s.stop()
-        if not self.a.co_resident:
-            await self.res.release_unused()
+        await s.stop()  # its shared servers stay until release_unused (the next system may use them)
         self.runs[s.name]["stop_s"] = round(time.perf_counter() - t, 1)
         log(f"=== {s.name}: stopped")
 
