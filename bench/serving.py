@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ours-preprocess-args", default="", help="extra flags for kimivl serve preprocess")
     p.add_argument("--fast-path-log", default=r"fast[ _-]?path",
                    help="regex: the inference tier's log lines that say whether the vision fast path is on")
+    p.add_argument("--fastpath-probes", action="store_true",
+                   help="with ceiling-fast: run bench/vision_fastpath_gpu.py's worker-side probes (exactness, "
+                        "syncs, encoder times per mode) once after the engine's re-initialisation")
     p.add_argument("--ceiling-stats-interval-s", type=float, default=0.0,
                    help="log vLLM's engine stats in the ceiling this often (0 = off; for ours pass "
                         "--log-stats-interval-s in --ours-inference-args)")

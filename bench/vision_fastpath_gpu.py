@@ -218,6 +218,58 @@ def spread(xs):
             "spread_pct": round(100 * (max(xs) - min(xs)) / statistics.median(xs), 1)}
 
 
+async def fastpath_probes(engine, res: dict, sizes: dict, *, cpu: bool, iters: int = 15, warm: int = 3,
+                          out_dir=None) -> dict:
+    """Steps 1-3 inside the engine's worker (exactness, cache, syncs, encoder times) into ``res``;
+    also run by the serving benchmark's ceiling-fast system (bench/harness, --fastpath-probes)."""
+    from kimivl_inference import vision_fastpath_probe as probe
+
+    a = argparse.Namespace(cpu=cpu, iters=iters, warm=warm, out_dir=out_dir)
+    # 1. exactness
+    r = res["exactness"] = await rpc(engine, res, "exactness", probe.exactness, sizes["exact"])
+    if r:
+        log(f"exactness (torch.equal, stock vs fast float/raw cold/raw warm): {'OK' if r['ok'] else 'FAILED'}")
+        for name, c in r["cases"].items():
+            log(f"  {name}: " + ", ".join(f"{k}={c[k]['equal']}" for k in ("fast_float", "fast_raw_cold",
+                                                                              "fast_raw_warm")))
+    r = res["cache_bounds_and_invalidation"] = await rpc(engine, res, "cache", probe.cache_bounds_and_invalidation)
+    if r:
+        log(f"cache bounds and invalidation: {'OK' if r['ok'] else 'FAILED ' + json.dumps(r)}")
+    r = res["attention_inputs"] = await rpc(engine, res, "attention", probe.seqlens_seen_by_attention,
+                                            sizes["exact"]["mixed5"])
+    log(f"attention inputs: {r}")
+    if a.out_dir:
+        save(res, a.out_dir)
+
+    # 2. syncs and 3. timings, per mode
+    if not a.cpu:
+        res["syncs"] = {}
+        for case, grids in sizes["exact"].items():
+            res["syncs"][case] = {}
+            for mode, comps in ENCODER_MODES.items():
+                r = await rpc(engine, res, f"syncs {case} {mode}", probe.count_syncs, grids, comps)
+                res["syncs"][case][mode] = r and r["syncs"]
+                if r and r["messages"]:
+                    res.setdefault("sync_messages", {})[f"{case} {mode}"] = r["messages"]
+            log(f"syncs per encoder call {case}: {res['syncs'][case]}")
+        r = res["pageable_h2d"] = await rpc(engine, res, "pageable_h2d", probe.pageable_h2d_blocks)
+        log(f"H2D copy call while GPU work is queued: {r}")
+    res["encoder_ms"] = {}
+    for case, grids in sizes["timing"].items():
+        res["encoder_ms"][case] = {}
+        for mode, comps in ENCODER_MODES.items():
+            r = await rpc(engine, res, f"time {case} {mode}", probe.time_encoder, grids, comps, a.iters, a.warm)
+            if r:
+                res["encoder_ms"][case][mode] = r
+        row = res["encoder_ms"][case]
+        log(f"encoder {case}: " + ", ".join(f"{m} {row[m]['wall_ms']} ms (cpu {row[m]['cpu_return_ms']})"
+                                            for m in row))
+    if a.out_dir:
+        save(res, a.out_dir)
+
+    return res
+
+
 async def main(a) -> dict:
     expose_project()
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -235,7 +287,6 @@ async def main(a) -> dict:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from kimivl_devtools.reinit import reinit_dummy_weights
-    from kimivl_inference import vision_fastpath_probe as probe
 
     sizes = CPU if a.cpu else GPU
     res: dict = {"args": vars(a), "host_verdict": vf.check().components}
@@ -262,45 +313,7 @@ async def main(a) -> dict:
             log(res["errors"]["run"])
             return res
 
-        # 1. exactness
-        r = res["exactness"] = await rpc(engine, res, "exactness", probe.exactness, sizes["exact"])
-        if r:
-            log(f"exactness (torch.equal, stock vs fast float/raw cold/raw warm): {'OK' if r['ok'] else 'FAILED'}")
-            for name, c in r["cases"].items():
-                log(f"  {name}: " + ", ".join(f"{k}={c[k]['equal']}" for k in ("fast_float", "fast_raw_cold",
-                                                                                  "fast_raw_warm")))
-        r = res["cache_bounds_and_invalidation"] = await rpc(engine, res, "cache", probe.cache_bounds_and_invalidation)
-        if r:
-            log(f"cache bounds and invalidation: {'OK' if r['ok'] else 'FAILED ' + json.dumps(r)}")
-        r = res["attention_inputs"] = await rpc(engine, res, "attention", probe.seqlens_seen_by_attention,
-                                                sizes["exact"]["mixed5"])
-        log(f"attention inputs: {r}")
-        save(res, a.out_dir)
-
-        # 2. syncs and 3. timings, per mode
-        if not a.cpu:
-            res["syncs"] = {}
-            for case, grids in sizes["exact"].items():
-                res["syncs"][case] = {}
-                for mode, comps in ENCODER_MODES.items():
-                    r = await rpc(engine, res, f"syncs {case} {mode}", probe.count_syncs, grids, comps)
-                    res["syncs"][case][mode] = r and r["syncs"]
-                    if r and r["messages"]:
-                        res.setdefault("sync_messages", {})[f"{case} {mode}"] = r["messages"]
-                log(f"syncs per encoder call {case}: {res['syncs'][case]}")
-            r = res["pageable_h2d"] = await rpc(engine, res, "pageable_h2d", probe.pageable_h2d_blocks)
-            log(f"H2D copy call while GPU work is queued: {r}")
-        res["encoder_ms"] = {}
-        for case, grids in sizes["timing"].items():
-            res["encoder_ms"][case] = {}
-            for mode, comps in ENCODER_MODES.items():
-                r = await rpc(engine, res, f"time {case} {mode}", probe.time_encoder, grids, comps, a.iters, a.warm)
-                if r:
-                    res["encoder_ms"][case][mode] = r
-            row = res["encoder_ms"][case]
-            log(f"encoder {case}: " + ", ".join(f"{m} {row[m]['wall_ms']} ms (cpu {row[m]['cpu_return_ms']})"
-                                                for m in row))
-        save(res, a.out_dir)
+        await fastpath_probes(engine, res, sizes, cpu=a.cpu, iters=a.iters, warm=a.warm, out_dir=a.out_dir)
 
         # greedy ids, one prompt, both modes (a weak check: re-initialised weights repeat tokens)
         tok = AutoTokenizer.from_pretrained(a.model, trust_remote_code=True)

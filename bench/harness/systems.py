@@ -274,6 +274,20 @@ class CeilingEngine:
                                "result": r, "s": round(time.perf_counter() - t, 2)}
         return self.info["reinit"]
 
+    async def fastpath_probes(self) -> dict:
+        """bench/vision_fastpath_gpu.py's worker-side probes (exactness stock vs fast, cache bounds,
+        syncs and encoder times per mode) on this engine, once, after the re-initialisation."""
+        import vision_fastpath_gpu as vfg  # bench/ is on sys.path (serving.py's folder)
+
+        t = time.perf_counter()
+        res: dict = {}
+        await vfg.fastpath_probes(self.engine, res, vfg.CPU if self.a.cpu else vfg.GPU, cpu=self.a.cpu)
+        self.fast = None  # the probes switch the worker themselves: set the mode again before a unit
+        await self.set_fast(False)
+        await self.reset_caches()
+        res["s"] = round(time.perf_counter() - t, 1)
+        return res
+
     async def reset_caches(self) -> None:
         """Both ceiling systems see the same images in a repeat: no KV or encoder output may carry over."""
         for name in ("reset_prefix_cache", "reset_encoder_cache"):
@@ -519,7 +533,11 @@ class CeilingSystem(System):
         return self.eng.info.get("kv_cache_tokens")
 
     async def reinit(self):
-        return await self.eng.reinit()
+        out = await self.eng.reinit()
+        if self.d["variant"] == "fast" and self.a.fastpath_probes and "fastpath_probes" not in self.eng.info:
+            self.eng.info["fastpath_probes"] = await self.eng.fastpath_probes()
+            out = {**out, "fastpath_probes": self.eng.info["fastpath_probes"]}  # kept in results.json
+        return out
 
     async def before_unit(self):
         """The shared engine in this system's mode, with nothing cached from another system's phase."""
