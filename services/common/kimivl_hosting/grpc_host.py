@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+DRAINING = "this replica is draining; retry on another"  # UNAVAILABLE's message (HTTP: 503)
 
 
 def base_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -47,7 +48,7 @@ class _Drain(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(self.prefixes):
             return handler
         if self.draining:
-            return _refusal(handler)
+            return refusal(handler, grpc.StatusCode.UNAVAILABLE, DRAINING)
         return _counted(handler, self)
 
     def enter(self) -> None:
@@ -60,9 +61,10 @@ class _Drain(grpc.aio.ServerInterceptor):
             self.idle.set()
 
 
-def _refusal(handler):
+def refusal(handler, code: grpc.StatusCode, details: str):
+    """A handler of ``handler``'s kind that answers ``code`` / ``details`` (for interceptors)."""
     async def refuse(request, context):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "this replica is draining; retry on another")
+        await context.abort(code, details)
 
     async def refuse_stream(request, context):
         await refuse(request, context)
@@ -141,6 +143,10 @@ class GrpcHost:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.draining
 
     @property
     def in_flight(self) -> int:

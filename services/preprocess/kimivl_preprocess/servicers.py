@@ -46,10 +46,7 @@ class ChatServicer:
             code = e.code
             await errors.abort(context, e)
         except grpc.aio.AioRpcError as e:
-            code = e.code()
-            details = e.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE:
-                details = f"inference tier unavailable at {self.flow.inference.target}: {details}"
+            code, details = self.flow.upstream_status(e)
             await context.abort(code, details)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
