@@ -124,7 +124,7 @@ def _bool(body: dict, key: str) -> bool | None:
     return v
 
 
-def _image(part: dict, path: str) -> types_pb2.Image:
+def _image(part: dict, path: str, image: types_pb2.Image) -> None:
     iu = part.get("image_url")
     if not isinstance(iu, dict):
         raise _error(f"{path}.image_url must be an object {{\"url\": ...}}, not {_type_name(iu)}", f"{path}.image_url")
@@ -139,7 +139,10 @@ def _image(part: dict, path: str) -> types_pb2.Image:
     if detail not in (None, "auto", "high"):
         raise _error(f"{path}.image_url.detail is {detail!r}; images are processed at full resolution (up to the "
                      "model's token limit): use \"auto\" or \"high\"", f"{path}.image_url.detail")
-    return types_pb2.Image(data_uri=url) if url.startswith("data:") else types_pb2.Image(url=url)
+    if url.startswith("data:"):
+        image.data_uri = url  # set in place: an Image built apart would be copied again (a photo's MBs)
+    else:
+        image.url = url
 
 
 def _content(msg: dict, i: int, proto: types_pb2.Message, paths: dict) -> None:
@@ -173,7 +176,7 @@ def _content(msg: dict, i: int, proto: types_pb2.Message, paths: dict) -> None:
             extra = sorted(set(part) - {"type", "image_url"})
             if extra:
                 raise _error(f"{ppath}.{extra[0]} is not supported", f"{ppath}.{extra[0]}")
-            proto.content.add(image=_image(part, ppath))
+            _image(part, ppath, proto.content.add().image)
             for source in ("data_uri", "url", "data"):
                 paths[f"{base}[{j}].image.{source}"] = f"{ppath}.image_url.url"
             paths[f"{base}[{j}].image"] = f"{ppath}.image_url.url"

@@ -170,7 +170,7 @@ class OpenAIServer:
             raise HttpError(413, f"the request body is {request.content_length} bytes; the limit is "
                                  f"{self.max_body_bytes}")
         try:
-            body = json.loads(await request.read())
+            body = json.loads((await request.read()).decode())  # str parses faster than bytes
         except (ValueError, RecursionError) as e:
             raise HttpError(400, f"the request body is not valid JSON: {e}") from None
         try:
