@@ -134,7 +134,9 @@ def test_domain_messages_are_translated_to_the_clients_paths():
     assert m.translate("sampling.stop[0] is 0 bytes") == "stop is 0 bytes"
     assert m.translate("the prompt (5 tokens) plus sampling.max_tokens (9)") == \
         "the prompt (5 tokens) plus max_completion_tokens (9)"
-    assert m.translate("conversation.messages[10] x") == "conversation.messages[10] x", "no partial index match"
+    assert m.translate("conversation.messages[10].content[3].text x") == "messages[10].content[3].text x"
+    assert m.translate("conversation.messages[1].role is 0") == "messages[1].role is 0"
+    assert m.translate("thinking.max_thinking_tokens is 0") == "thinking_token_budget is 0"
 
 
 def test_error_statuses_follow_the_grpc_codes():

@@ -54,6 +54,13 @@ MESSAGE_KEYS = {"role", "content", "name", "reasoning_content", "reasoning", "to
                 "audio", "tool_call_id"}
 
 
+# A proto field path in a domain message (what RequestError messages start with or mention).
+_PROTO_PATH = re.compile(
+    r"conversation\.messages(?:\[(?P<i>\d+)\](?:(?P<role>\.role)|\.content\[(?P<j>\d+)\]"
+    r"(?P<tail>\.image(?:\.(?:data_uri|url|data))?|\.text)?)?)?"
+    r"|sampling\.(?P<name>[a-z_]+)(?:\[(?P<k>\d+)\])?|thinking\.max_thinking_tokens")
+
+
 @dataclass
 class Mapped:
     """The domain request and what the transport needs besides it."""
@@ -62,28 +69,46 @@ class Mapped:
     stream: bool = False
     include_usage: bool = False
     show_reasoning: bool = True
-    paths: dict[str, str] = field(default_factory=dict)  # proto path -> the client's path
-    _pattern: re.Pattern | None = None
+    # How the client wrote what the paths name: messages whose content was a string,
+    # the name of max_tokens it used, whether stop was a string.
+    string_content: set[int] = field(default_factory=set)
+    max_tokens_name: str = "max_completion_tokens"
+    stop_string: bool = False
 
-    def _regex(self) -> re.Pattern | None:
-        if self._pattern is None and self.paths:
-            keys = sorted(self.paths, key=len, reverse=True)  # longest first: a path before its prefixes
-            self._pattern = re.compile("(?:" + "|".join(re.escape(k) for k in keys) + r")(?![\w\[])")
-        return self._pattern
+    def _client_path(self, m: re.Match) -> str:
+        if m.group(0).startswith("conversation."):
+            i, j, tail = m.group("i"), m.group("j"), m.group("tail") or ""
+            if i is None:
+                return "messages"
+            if m.group("role"):
+                return f"messages[{i}].role"
+            if j is None:
+                return f"messages[{i}]"
+            if tail.startswith(".image"):
+                return f"messages[{i}].content[{j}].image_url.url"
+            if int(i) in self.string_content:
+                return f"messages[{i}].content"
+            return f"messages[{i}].content[{j}]{tail}"
+        if m.group(0).startswith("thinking."):
+            return "thinking_token_budget"
+        name, k = m.group("name"), m.group("k")
+        if name == "max_tokens":
+            name = self.max_tokens_name
+        if k is None or (name == "stop" and self.stop_string):
+            return name
+        return f"{name}[{k}]"
 
     def translate(self, message: str) -> str:
         """``message`` with the domain's proto field paths replaced by the client's."""
-        regex = self._regex()
-        return regex.sub(lambda m: self.paths[m.group(0)], message) if regex else message
+        return _PROTO_PATH.sub(self._client_path, message)
 
     def param(self, proto_field: str | None, message: str = "") -> str | None:
         """The client's path of the field an error names: its ``field``, else the first field
         path in its (untranslated) ``message``."""
         if proto_field:
             return self.translate(proto_field)
-        regex = self._regex()
-        m = regex.search(message) if regex else None
-        return self.paths[m.group(0)] if m else None
+        m = _PROTO_PATH.search(message)
+        return self._client_path(m) if m else None
 
 
 def _error(message: str, param: str | None) -> RequestError:
@@ -145,14 +170,12 @@ def _image(part: dict, path: str, image: types_pb2.Image) -> None:
         image.url = url
 
 
-def _content(msg: dict, i: int, proto: types_pb2.Message, paths: dict) -> None:
+def _content(msg: dict, i: int, proto: types_pb2.Message, mapped: Mapped) -> None:
     path = f"messages[{i}].content"
-    base = f"conversation.messages[{i}].content"
     content = msg.get("content")
     if isinstance(content, str):
         proto.content.add(text=content)
-        paths[f"{base}[0].text"] = path
-        paths[f"{base}[0]"] = path
+        mapped.string_content.add(i)
         return
     if content is None:
         raise _error(f"{path} is required (tool calls are not supported)", path)
@@ -171,26 +194,20 @@ def _content(msg: dict, i: int, proto: types_pb2.Message, paths: dict) -> None:
             if not isinstance(text, str):
                 raise _error(f"{ppath}.text must be a string, not {_type_name(text)}", f"{ppath}.text")
             proto.content.add(text=text)
-            paths[f"{base}[{j}].text"] = f"{ppath}.text"
         elif kind == "image_url":
             extra = sorted(set(part) - {"type", "image_url"})
             if extra:
                 raise _error(f"{ppath}.{extra[0]} is not supported", f"{ppath}.{extra[0]}")
             _image(part, ppath, proto.content.add().image)
-            for source in ("data_uri", "url", "data"):
-                paths[f"{base}[{j}].image.{source}"] = f"{ppath}.image_url.url"
-            paths[f"{base}[{j}].image"] = f"{ppath}.image_url.url"
         else:
             raise _error(f"{ppath}.type is {kind!r}; supported content parts are \"text\" and \"image_url\"",
                          f"{ppath}.type")
-        paths[f"{base}[{j}]"] = ppath
 
 
-def _messages(body: dict, conv: types_pb2.Conversation, paths: dict) -> None:
+def _messages(body: dict, conv: types_pb2.Conversation, mapped: Mapped) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise _error(f"messages must be an array of messages, not {_type_name(messages)}", "messages")
-    paths["conversation.messages"] = "messages"
     for i, msg in enumerate(messages):
         path = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -210,25 +227,19 @@ def _messages(body: dict, conv: types_pb2.Conversation, paths: dict) -> None:
                 continue  # an earlier turn's thinking: not fed back, as the model's chat template does
             raise _error(f"{path}.{key} is not supported", f"{path}.{key}")
         proto = conv.messages.add(role=ROLES[role])
-        paths[f"conversation.messages[{i}]"] = path
-        paths[f"conversation.messages[{i}].role"] = f"{path}.role"
-        _content(msg, i, proto, paths)
+        _content(msg, i, proto, mapped)
 
 
-def _stop(body: dict, sampling: types_pb2.SamplingParameters, paths: dict) -> None:
+def _stop(body: dict, sampling: types_pb2.SamplingParameters, mapped: Mapped) -> None:
     stop = body.get("stop")
     if stop is None:
         return
     if isinstance(stop, str):
         stop = [stop]
-        paths["sampling.stop[0]"] = "stop"
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        for k in range(len(stop)):
-            paths[f"sampling.stop[{k}]"] = f"stop[{k}]"
-    else:
+        mapped.stop_string = True
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise _error("stop must be a string or an array of strings", "stop")
     sampling.stop.extend(stop)
-    paths["sampling.stop"] = "stop"
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -267,10 +278,10 @@ def to_chat_request(body, served_models: list[str], *, request_id: str | None = 
     elif model not in served_models:
         raise LookupError(model)
 
-    paths: dict[str, str] = {}
     req = chat_pb2.ChatRequest()
+    mapped = Mapped(req, model)
     req.conversation.SetInParent()  # the input is a conversation even when it has no messages
-    _messages(body, req.conversation, paths)
+    _messages(body, req.conversation, mapped)
 
     s = req.sampling
     max_new = _int(body, "max_completion_tokens", 0, MAX_UINT32)
@@ -280,29 +291,26 @@ def to_chat_request(body, served_models: list[str], *, request_id: str | None = 
                      "(max_tokens is OpenAI's deprecated name)", "max_tokens")
     if max_new is not None or legacy is not None:
         s.max_tokens = max_new if max_new is not None else legacy
-        paths["sampling.max_tokens"] = "max_completion_tokens" if max_new is not None else "max_tokens"
+        mapped.max_tokens_name = "max_completion_tokens" if max_new is not None else "max_tokens"
     for key in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
         v = _number(body, key)
         if v is not None:
             setattr(s, key, v)
-        paths[f"sampling.{key}"] = key
     top_k = _int(body, "top_k", -1, MAX_UINT32)
     if top_k is not None and top_k > 0:  # -1 and 0 disable it, as in vLLM
         s.top_k = top_k
-    paths["sampling.top_k"] = "top_k"
     seed = _int(body, "seed", 0, MAX_UINT64)
     if seed is not None:
         s.seed = seed
-    _stop(body, s, paths)
+    _stop(body, s, mapped)
     if _bool(body, "ignore_eos"):
         s.ignore_eos = True
 
     budget = _int(body, "thinking_token_budget", -1, MAX_UINT32)
     if budget is not None and budget != -1:  # -1: no budget, as in vLLM
         req.thinking.max_thinking_tokens = budget
-    paths["thinking.max_thinking_tokens"] = "thinking_token_budget"
-    show_reasoning = _bool(body, "include_reasoning") is not False
-    req.thinking.exclude_thinking = not show_reasoning
+    mapped.show_reasoning = _bool(body, "include_reasoning") is not False
+    req.thinking.exclude_thinking = not mapped.show_reasoning
 
     rid = body.get("request_id", request_id)
     if rid is not None:
@@ -310,11 +318,10 @@ def to_chat_request(body, served_models: list[str], *, request_id: str | None = 
             raise _error(f"request_id must be a string of at most {MAX_REQUEST_ID_CHARS} characters", "request_id")
         req.request_id = rid
 
-    stream = bool(_bool(body, "stream"))
-    include_usage = False
+    mapped.stream = bool(_bool(body, "stream"))
     options = body.get("stream_options")
     if options is not None:
-        if not stream:
+        if not mapped.stream:
             raise _error("stream_options is only allowed when stream is true", "stream_options")
         if not isinstance(options, dict):
             raise _error(f"stream_options must be an object, not {_type_name(options)}", "stream_options")
@@ -322,7 +329,7 @@ def to_chat_request(body, served_models: list[str], *, request_id: str | None = 
             if key == "include_usage":
                 if not isinstance(value, (bool, type(None))):
                     raise _error("stream_options.include_usage must be a boolean", "stream_options.include_usage")
-                include_usage = bool(value)
+                mapped.include_usage = bool(value)
             elif not (key == "continuous_usage_stats" and not value):
                 raise _error(f"stream_options.{key} is not supported", f"stream_options.{key}")
-    return Mapped(req, model, stream, include_usage, show_reasoning, paths)
+    return mapped
