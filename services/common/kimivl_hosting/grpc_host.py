@@ -145,10 +145,6 @@ class GrpcHost:
             loop.add_signal_handler(sig, self.stop.set)
 
     @property
-    def draining(self) -> bool:
-        return self._drain.draining
-
-    @property
     def in_flight(self) -> int:
         return self._drain.in_flight
 
