@@ -850,3 +850,50 @@ def test_images_per_overlay(overlay):
         for c in pod["containers"] + (pod.get("initContainers") or []):
             found[f"{deploy['metadata']['name']}/{c['name']}"] = c["image"]
     assert found == IMAGES[overlay]
+
+
+# --------------------------------------------------------------------------- the OpenAI port and API keys
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_http_port_is_served_exposed_and_reachable(overlay):
+    """--http-port is the containerPort named http, the front door's Service forwards to it, and
+    the NetworkPolicy leaves it open like the gRPC port (it is the front door too)."""
+    docs, deploys = _deployments(overlay)
+    deploy = deploys[PREPROCESS]
+    container = _container(deploy)
+    _, flags = _args(docs, deploy)
+    assert "--http-port" in _cli_flags("serve", "preprocess")
+    assert int(flags["--http-port"]) == _port(container, "http") > 0
+    service = _one(docs, "Service", PREPROCESS)
+    http = [p for p in service["spec"]["ports"] if p["name"] == "http"]
+    assert len(http) == 1 and http[0]["targetPort"] in ("http", _port(container, "http"))
+    assert http[0].get("appProtocol") == "http"
+    labels = _pod_labels(deploy)
+    rules = [r for p in _all(docs, "NetworkPolicy") if _selects(p["spec"]["podSelector"], labels)
+             for r in p["spec"].get("ingress") or []]
+    open_rules = [r for r in rules if not r.get("from")]
+    assert any(p.get("port") in (_port(container, "http"), "http") for r in open_rules for p in r.get("ports") or []), (
+        "the NetworkPolicy does not open the http port")
+    # The probes stay on gRPC health, which the http port's /ready mirrors.
+    assert "--http-port" in flags and container["readinessProbe"]["grpc"]["port"] == int(flags["--port"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_api_keys_come_from_an_optional_secret(overlay):
+    """The kimivl-api-keys Secret is mounted read-only (optional, so an overlay without keys needs
+    none); --api-keys-file is empty (off) or a file inside that mount. gpu (production) requires
+    keys, and so do the overlays built on it (gpu-keda, gpu-gateway); cpu-dev does not."""
+    docs, deploys = _deployments(overlay)
+    deploy = deploys[PREPROCESS]
+    container = _container(deploy)
+    _, flags = _args(docs, deploy)
+    assert "--api-keys-file" in flags and "--api-keys-file" in _cli_flags("serve", "preprocess")
+    secrets = [(path, vol, ro) for path, vol, ro in _mounts(deploy, container)
+               if (vol.get("secret") or {}).get("secretName") == "kimivl-api-keys"]
+    assert len(secrets) == 1, "the kimivl-api-keys Secret is not mounted"
+    path, volume, read_only = secrets[0]
+    assert read_only and volume["secret"].get("optional") is True
+    keys_file = flags["--api-keys-file"] or ""
+    if keys_file:
+        assert _mount_for(deploy, container, keys_file)[0] == path, f"{keys_file} is not in the Secret's mount"
+        assert keys_file.rsplit("/", 1)[1] == "keys", "the Secret's entry is named keys (--from-file=keys=...)"
+    assert bool(keys_file) == overlay.startswith("gpu"), f"{overlay}: --api-keys-file {keys_file!r}"

@@ -26,6 +26,10 @@ def check_sampling(sampling, thinking, prefix: str = "") -> None:
         raise RequestError(
             f"{p}repetition_penalty is {sampling.repetition_penalty:g}; allowed range is (0, 10]",
             field=f"{p}repetition_penalty")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if sampling.HasField(name) and not -2.0 <= getattr(sampling, name) <= 2.0:
+            raise RequestError(f"{p}{name} is {getattr(sampling, name):g}; allowed range is [-2, 2]",
+                               field=f"{p}{name}")
     if len(sampling.stop) > MAX_STOP_STRINGS:
         raise RequestError(f"{p}stop has {len(sampling.stop)} strings; the limit is {MAX_STOP_STRINGS}",
                            field=f"{p}stop")

@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 from kimivl_contract import errors
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+DRAINING = "this replica is draining; retry on another"  # UNAVAILABLE's message (HTTP: 503)
 
 
 def base_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -49,7 +50,8 @@ class _Drain(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(self.prefixes):
             return handler
         if self.draining:
-            return _refusal(handler)
+            return refusal(handler, grpc.StatusCode.UNAVAILABLE, DRAINING, reason=errors.Reason.UNAVAILABLE,
+                           retry_after_s=0.1)
         return _counted(handler, self)
 
     def enter(self) -> None:
@@ -62,10 +64,11 @@ class _Drain(grpc.aio.ServerInterceptor):
             self.idle.set()
 
 
-def _refusal(handler):
+def refusal(handler, code: grpc.StatusCode, details: str, *, reason: str, retry_after_s: float | None = None):
+    """A handler of ``handler``'s kind that answers ``code`` / ``details`` with the error details
+    (for interceptors)."""
     async def refuse(request, context):
-        await errors.abort_with(context, grpc.StatusCode.UNAVAILABLE, "this replica is draining; retry on another",
-                                reason=errors.Reason.UNAVAILABLE, retry_after_s=0.1)
+        await errors.abort_with(context, code, details, reason=reason, retry_after_s=retry_after_s)
 
     async def refuse_stream(request, context):
         await refuse(request, context)

@@ -41,6 +41,8 @@ def sampling_params(sampling, max_tokens: int):
         top_k=sampling.top_k if sampling.HasField("top_k") else 0,
         seed=sampling.seed if sampling.HasField("seed") else None,
         repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+        frequency_penalty=sampling.frequency_penalty if sampling.HasField("frequency_penalty") else 0.0,
+        presence_penalty=sampling.presence_penalty if sampling.HasField("presence_penalty") else 0.0,
         stop=list(sampling.stop) or None,
         ignore_eos=sampling.ignore_eos,
         max_tokens=max_tokens,

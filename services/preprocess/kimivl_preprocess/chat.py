@@ -12,6 +12,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
+
 from kimivl.v1 import chat_pb2
 from kimivl_contract.limits import check_sampling
 
@@ -48,6 +50,13 @@ class ChatFlow:
             prepared = await self.pre.prepare(request, self.wire_dtype)
         metrics.IMAGES.inc(prepared.prompt.images)
         return ChatStart(prepared, request.request_id or uuid.uuid4().hex, arrived_s)
+
+    def upstream_status(self, e: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+        """What a client is told of the inference tier's error ``e`` (every port says the same)."""
+        code, details = e.code(), e.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"inference tier unavailable at {self.inference.target}: {details}"
+        return code, details
 
     async def stream(self, start: ChatStart, request: chat_pb2.ChatRequest,
                      timeout_s: float | None) -> AsyncIterator[bytes | chat_pb2.ChatResponse]:

@@ -57,6 +57,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the name the inference tier's certificate carries, when it is not the target's host")
     # Public clients behind L4 balancers: bounded connection age lets them rebalance across pods.
     add_connection_arguments(p, age_s=1800.0, age_grace_s=3600.0)
+    p.add_argument("--http-port", type=int, default=0,
+                   help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health, /ready) "
+                        "on this port beside the gRPC one, on the same pipeline (0 = off); HTTPS with the --tls-* "
+                        "files when given")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) the HTTP API answers to (default: the --model directory's name)")
+    p.add_argument("--api-keys-file", default=None,
+                   help="require an API key on every ChatService/PreprocessService RPC and /v1 HTTP request "
+                        "(authorization: Bearer KEY): one key a line, # comments; re-read when it changes, so "
+                        "keys rotate without a restart. Unset or empty: no authentication (logged at start)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM: how long in-flight RPCs may finish while new ones are refused")
     p.add_argument("--log-level", default="info")

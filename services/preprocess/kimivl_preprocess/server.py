@@ -17,7 +17,9 @@ from kimivl_hosting.grpc_host import GrpcHost
 from kimivl_hosting.options import connection_options
 from kimivl_hosting.tls import channel_credentials, server_tls
 
+from . import auth
 from .chat import ChatFlow
+from .grpc_auth import ApiKeyInterceptor
 from .inference_client import InferenceClient
 from .options import MiB
 from .pipeline import Preprocessor
@@ -35,6 +37,12 @@ def _tls_note(tls) -> str:
     return "TLS, client certificates required" if tls.client_ca_file else "TLS"
 
 
+def http_body_limit(max_message_bytes: int) -> int:
+    """The HTTP body limit: what one gRPC message may hold, base64-encoded (JSON carries images
+    as data URIs), plus 1 MiB for the JSON around it."""
+    return max_message_bytes * 4 // 3 + MiB
+
+
 async def serve(args: argparse.Namespace) -> None:
     max_msg = args.max_message_mb * MiB
     tls = server_tls(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
@@ -49,20 +57,34 @@ async def serve(args: argparse.Namespace) -> None:
     inference = InferenceClient(args.inference_target, max_msg, credentials=inference_credentials,
                                 server_name=args.inference_tls_server_name)
     flow = ChatFlow(preprocessor, inference, args.wire_dtype, UploadGate(args.inference_uploads))
+    keys = auth.load(args.api_keys_file)
 
-    host = GrpcHost([CHAT_SERVICE, PREPROCESS_SERVICE], max_message_bytes=max_msg, options=connection_options(args))
+    services = [CHAT_SERVICE, PREPROCESS_SERVICE]
+    host = GrpcHost(services, max_message_bytes=max_msg, options=connection_options(args),
+                    interceptors=[ApiKeyInterceptor(keys, services)] if keys else ())
     for service, methods in handlers(ChatServicer(flow), PreprocessServicer(preprocessor)).items():
         host.add_handlers(service, methods)
     bound = host.bind(args.host, args.port, tls.credentials() if tls else None)
+    http = None
+    if args.http_port:
+        from .openai.server import OpenAIServer, ssl_context
+
+        http = OpenAIServer(flow, models=args.served_model_name or [os.path.basename(os.path.normpath(args.model))],
+                            max_model_len=preprocessor.max_model_len, max_body_bytes=http_body_limit(max_msg),
+                            keys=keys)
+        http_bound = await http.start(args.host, args.http_port, ssl_context(args.tls_cert_file, args.tls_key_file))
     await host.start(serving=True, metrics_port=args.metrics_port)
     log.info("preprocess tier serving on %s:%d (%s; inference target %s over %s, %s image workers)",
              args.host, bound, _tls_note(tls), args.inference_target,
              "mutual TLS" if args.inference_tls_cert_file else "TLS" if inference_credentials else "plaintext",
              pool.workers)
+    if http:
+        log.info("OpenAI-compatible HTTP API on %s:%d (models %s, bodies up to %d MiB)", args.host, http_bound,
+                 ", ".join(http.models), http.max_body_bytes // MiB)
 
     await host.stop.wait()
     log.info("draining: refusing new RPCs, up to %.0f s for in-flight ones", args.drain_timeout_s)
-    await host.drain(args.drain_timeout_s)
+    await asyncio.gather(host.drain(args.drain_timeout_s), *([http.drain(args.drain_timeout_s)] if http else []))
     await inference.close()
     await fetcher.close()
     pool.close()

@@ -46,11 +46,9 @@ class ChatServicer:
             code = e.code
             await errors.abort(context, e)
         except grpc.aio.AioRpcError as e:
-            code = e.code()
-            details = e.details() or ""
+            code, details = self.flow.upstream_status(e)
             if code == grpc.StatusCode.UNAVAILABLE:
-                await errors.abort_with(context, code, f"inference tier unavailable at {self.flow.inference.target}: "
-                                        f"{details}", reason=errors.Reason.UNAVAILABLE, retry_after_s=1.0)
+                await errors.abort_with(context, code, details, reason=errors.Reason.UNAVAILABLE, retry_after_s=1.0)
             # The inference tier's own status, details included (it validated what we did not).
             await context.abort(code, errors.clip(details), _status_trailers(e))
         except asyncio.CancelledError:
