@@ -44,3 +44,10 @@ def add_server_tls_arguments(p: argparse.ArgumentParser, *, who: str) -> None:
     g.add_argument("--tls-client-ca-file",
                    help=f"require every client to present a certificate signed by this PEM CA (mutual TLS; "
                         f"{who})")
+
+
+def add_tracing_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="send OpenTelemetry traces here (OTLP over gRPC, or HTTP with "
+                        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf; the OTEL_* variables apply). "
+                        "Off when unset; W3C traceparent from callers is honoured and passed on")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from kimivl_hosting.options import add_connection_arguments, add_server_tls_arguments
+from kimivl_hosting.options import add_connection_arguments, add_server_tls_arguments, add_tracing_arguments
 
 
 @dataclass(frozen=True)
@@ -141,3 +141,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # Clients only re-resolve DNS when a connection ends: cycling connections lets the front door
     # discover inference pods added by a scale-up; streams in flight get the grace to finish.
     add_connection_arguments(p, age_s=300.0, age_grace_s=3600.0)
+    add_tracing_arguments(p)

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 
+from kimivl_hosting import tracing
 from kimivl_hosting.grpc_host import GrpcHost
 from kimivl_hosting.options import connection_options
 from kimivl_hosting.tls import server_tls
@@ -26,6 +27,7 @@ log = logging.getLogger("kimivl.inference")
 MiB = 1 << 20
 
 async def serve(args) -> int:
+    tracing.configure("kimivl-inference", args.otlp_traces_endpoint)
     tls = server_tls(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
     host = GrpcHost([INFERENCE_SERVICE], max_message_bytes=args.max_message_mb * MiB,
                     options=connection_options(args))
@@ -62,6 +64,8 @@ async def serve(args) -> int:
                 info = await engine.collective_rpc(reinit_dummy_weights, args=(args.seed,))
                 log.info("dummy weights re-initialised: %s", info)
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
+            servicer.engine_traces = bool(args.otlp_traces_endpoint) and bool(getattr(
+                getattr(getattr(engine, "vllm_config", None), "observability_config", None), "otlp_traces_endpoint", None))
             cc = getattr(getattr(engine, "vllm_config", None), "compilation_config", None)
             # vLLM's encoder CUDA graphs look for "pixel_values" by name: no raw patches for them
             servicer.raw_pixels = fastpath.raw_pixels and not getattr(cc, "cudagraph_mm_encoder", False)
@@ -92,7 +96,8 @@ async def serve(args) -> int:
         # AsyncLLM.__del__ calls shutdown() again, at interpreter teardown when its module
         # globals are gone, and prints a spurious traceback: it has already run.
         engine.shutdown = lambda *a, **k: None
-    elif not start.done():
+    tracing.shutdown()  # flush what is buffered
+    if engine is None and not start.done():
         os._exit(exit_code or 0)  # interrupted mid-start: the engine thread can't be joined cleanly
     return exit_code
 

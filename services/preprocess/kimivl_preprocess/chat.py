@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from kimivl.v1 import chat_pb2
+from kimivl.v1 import chat_pb2, types_pb2
 from kimivl_contract.limits import check_sampling
+from kimivl_hosting import tracing
 
 from . import metrics
 from .codec import generate_request
@@ -32,6 +33,7 @@ class ChatStart:
     prepared: Prepared
     request_id: str
     arrived_s: float  # time.perf_counter() at arrival
+    span: object = None  # the transport's server span (kimivl_hosting.tracing), None when off
 
 
 class ChatFlow:
@@ -42,14 +44,19 @@ class ChatFlow:
         self.wire_dtype = wire_dtype
         self.uploads = uploads or UploadGate(0)
 
-    async def prepare(self, request: chat_pb2.ChatRequest, arrived_s: float | None = None) -> ChatStart:
-        """Check the options and build the prompt (RequestError for bad input)."""
+    async def prepare(self, request: chat_pb2.ChatRequest, arrived_s: float | None = None,
+                      span=None) -> ChatStart:
+        """Check the options and build the prompt (RequestError for bad input). ``span``: the
+        transport's server span, parent of this chat's spans."""
         arrived_s = time.perf_counter() if arrived_s is None else arrived_s
         check_sampling(request.sampling, request.thinking)
-        with metrics.PREPROCESS_SECONDS.time():
-            prepared = await self.pre.prepare(request, self.wire_dtype)
+        with metrics.PREPROCESS_SECONDS.time(), tracing.child("preprocess", span) as ps:
+            prepared = await self.pre.prepare(request, self.wire_dtype, span=ps)
+            tracing.set_attributes(ps, images=prepared.prompt.images)
         metrics.IMAGES.inc(prepared.prompt.images)
-        return ChatStart(prepared, request.request_id or uuid.uuid4().hex, arrived_s)
+        rid = request.request_id or uuid.uuid4().hex
+        tracing.set_attributes(span, request_id=rid, images=prepared.prompt.images)
+        return ChatStart(prepared, rid, arrived_s, span)
 
     def upstream_status(self, e: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
         """What a client is told of the inference tier's error ``e`` (every port says the same)."""
@@ -65,20 +72,40 @@ class ChatFlow:
         the inference call (and so the engine request)."""
         message = generate_request(start.prepared.prompt, sampling=request.sampling, thinking=request.thinking,
                                    request_id=start.request_id)
-        with metrics.UPLOAD_SECONDS.time():
-            call = await self.uploads.start(lambda: self.inference.generate(message, timeout_s))
+        gen = tracing.start("inference.Generate", parent=start.span, kind="client")
+        with metrics.UPLOAD_SECONDS.time(), tracing.child("inference.upload", start.span):
+            call = await self.uploads.start(lambda: self.inference.generate(message, timeout_s, tracing.headers(gen)))
         first = True
+        code = "CANCELLED"
         try:
             async for raw in call:
                 if first:
                     metrics.CHAT_TTFT.observe(time.perf_counter() - start.arrived_s)
+                    tracing.add_event(gen, "first_token")
                     first = False
                 if raw[:1] == bytes([RESULT_TAG]):
-                    yield with_front_door_timings(raw, start.prepared.preprocess_ms, start.arrived_s)
+                    result = with_front_door_timings(raw, start.prepared.preprocess_ms, start.arrived_s)
+                    _trace_result(start.span, result.result)
+                    code = "OK"
+                    yield result
                 else:
                     yield raw
+        except grpc.aio.AioRpcError as e:
+            code = e.code().name
+            raise
         finally:
             call.cancel()  # no-op once finished; aborts the engine request if the client left
+            tracing.end(gen, code)
+
+
+def _trace_result(span, result) -> None:
+    if span is None:
+        return
+    u = result.usage
+    tracing.set_attributes(span, prompt_tokens=u.prompt_tokens, cached_prompt_tokens=u.cached_prompt_tokens,
+                           image_tokens=u.image_tokens, thinking_tokens=u.thinking_tokens,
+                           answer_tokens=u.answer_tokens, ttft_ms=round(result.timings.time_to_first_token_ms, 1),
+                           finish_reason=types_pb2.FinishReason.Name(result.finish_reason))
 
 
 def with_front_door_timings(raw: bytes, preprocess_ms: float, arrived_s: float) -> chat_pb2.ChatResponse:

@@ -55,8 +55,9 @@ class InferenceClient:
         self._generate = self.channel.unary_stream(f"/{INFERENCE_SERVICE}/Generate", request_serializer=None,
                                                    response_deserializer=None)
 
-    def generate(self, request: bytes, timeout_s: float | None):
-        return self._generate(request, timeout=timeout_s, wait_for_ready=False)
+    def generate(self, request: bytes, timeout_s: float | None, metadata=()):
+        """``metadata``: e.g. the trace context (traceparent) for the inference tier."""
+        return self._generate(request, timeout=timeout_s, metadata=metadata or None, wait_for_ready=False)
 
     async def close(self) -> None:
         await self.channel.close()

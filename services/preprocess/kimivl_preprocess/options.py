@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kimivl_hosting.options import add_connection_arguments, add_server_tls_arguments
+from kimivl_hosting.options import add_connection_arguments, add_server_tls_arguments, add_tracing_arguments
 
 MiB = 1 << 20
 
@@ -57,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the name the inference tier's certificate carries, when it is not the target's host")
     # Public clients behind L4 balancers: bounded connection age lets them rebalance across pods.
     add_connection_arguments(p, age_s=1800.0, age_grace_s=3600.0)
+    add_tracing_arguments(p)
     p.add_argument("--http-port", type=int, default=0,
                    help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health, /ready) "
                         "on this port beside the gRPC one, on the same pipeline (0 = off); HTTPS with the --tls-* "

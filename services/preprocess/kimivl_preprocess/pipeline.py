@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kimivl_contract.errors import RequestError
 from kimivl_contract.identity import tensor_identity
 from kimivl_contract.prepared import PromptLimits, check_prepared_prompt
+from kimivl_hosting import tracing
 
 from .codec import PromptWire
 from .image import ImageError
@@ -43,8 +44,9 @@ class Preprocessor:
             max_model_len=self.max_model_len, merge=tuple(self.config.merge_kernel_size),
             max_grid_side=self.config.max_grid_side)
 
-    async def prepare(self, request, dtype: str = "bfloat16") -> Prepared:
-        """``request`` is a ChatRequest or PreprocessRequest (same ``input`` oneof)."""
+    async def prepare(self, request, dtype: str = "bfloat16", span=None) -> Prepared:
+        """``request`` is a ChatRequest or PreprocessRequest (same ``input`` oneof); ``span`` the
+        trace span its steps become children of (kimivl_hosting.tracing; None when off)."""
         t0 = time.perf_counter()
         kind = request.WhichOneof("input")
         if kind == "conversation":
@@ -64,11 +66,14 @@ class Preprocessor:
                                resource_exhausted=True, field=f"{kind}", limit=self.max_images)
 
         def text_and_ids():
-            text = render()
-            return text, self.builder.tokenize(text, chat=chat)
+            with tracing.child("prompt.template_and_tokenize", span) as s:
+                text = render()
+                ids = self.builder.tokenize(text, chat=chat)
+                tracing.set_attributes(s, text_tokens=len(ids))
+            return text, ids
 
         tokenized = asyncio.create_task(asyncio.to_thread(text_and_ids))
-        processed = asyncio.gather(*(self._image(field, img, dtype) for field, img in images))
+        processed = asyncio.gather(*(self._image(field, img, dtype, span) for field, img in images))
         try:
             processed = await processed
         except BaseException:
@@ -85,14 +90,20 @@ class Preprocessor:
             raise RequestError(f"the images make {total} bytes of tensors; the limit is {self.max_tensor_bytes}",
                                resource_exhausted=True)
         prompt = PromptWire.from_images(expanded.token_ids, processed, dtype, expanded.placeholders)
+        tracing.set_attributes(span, prompt_tokens=n)
         return Prepared(prompt, text, (time.perf_counter() - t0) * 1e3)
 
-    async def _image(self, field: str, image, dtype: str):
-        data = await self.fetcher.fetch(image, field)
-        try:
-            return await self.pool.process(data, dtype)
-        except ImageError as e:
-            raise RequestError(f"{field}: {e}", resource_exhausted=e.too_large, field=field) from None
+    async def _image(self, field: str, image, dtype: str, span=None):
+        with tracing.child("image", span, field=field, source=image.WhichOneof("source")) as s:
+            with tracing.child("image.fetch", s):
+                data = await self.fetcher.fetch(image, field)
+            try:
+                with tracing.child("image.decode_and_process", s, bytes=len(data)):
+                    out = await self.pool.process(data, dtype)
+            except ImageError as e:
+                raise RequestError(f"{field}: {e}", resource_exhausted=e.too_large, field=field) from None
+            tracing.set_attributes(s, grid=f"{out.grid_hw[0]}x{out.grid_hw[1]}", image_tokens=out.num_tokens)
+            return out
 
     def _take_prepared(self, prompt, t0: float) -> Prepared:
         tensor_data: list[bytes] = []

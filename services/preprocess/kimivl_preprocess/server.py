@@ -13,6 +13,7 @@ import logging
 import os
 
 from kimivl_contract.processor import ProcessorConfig
+from kimivl_hosting import tracing
 from kimivl_hosting.grpc_host import GrpcHost
 from kimivl_hosting.options import connection_options
 from kimivl_hosting.tls import channel_credentials, server_tls
@@ -44,6 +45,7 @@ def http_body_limit(max_message_bytes: int) -> int:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    tracing.configure("kimivl-preprocess", args.otlp_traces_endpoint)
     max_msg = args.max_message_mb * MiB
     tls = server_tls(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
     inference_credentials = channel_credentials(args.inference_tls_ca_file, args.inference_tls_cert_file,
@@ -88,6 +90,7 @@ async def serve(args: argparse.Namespace) -> None:
     await inference.close()
     await fetcher.close()
     pool.close()
+    tracing.shutdown()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import grpc
 from kimivl.v1 import chat_pb2, preprocess_pb2, types_pb2
 from kimivl_contract import dtypes, errors
 from kimivl_contract.errors import RequestError
+from kimivl_hosting import tracing
 
 from . import metrics
 from .chat import ChatFlow
@@ -38,8 +39,10 @@ class ChatServicer:
     async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext):
         arrived = time.perf_counter()
         code = grpc.StatusCode.OK
+        span = tracing.start(f"{CHAT_SERVICE}/Chat", parent=tracing.extract(context.invocation_metadata() or ()),
+                             kind="server") if tracing.enabled else None
         try:
-            start = await self.flow.prepare(request, arrived)
+            start = await self.flow.prepare(request, arrived, span)
             async for msg in self.flow.stream(start, request, context.time_remaining()):
                 yield msg
         except RequestError as e:
@@ -60,6 +63,7 @@ class ChatServicer:
             await errors.abort_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
             metrics.REQUESTS.labels("Chat", code.name).inc()
+            tracing.end(span, code.name)
 
 
 class PreprocessServicer:
@@ -68,12 +72,14 @@ class PreprocessServicer:
 
     async def Preprocess(self, request: preprocess_pb2.PreprocessRequest, context: grpc.aio.ServicerContext):
         code = grpc.StatusCode.OK
+        span = tracing.start(f"{PREPROCESS_SERVICE}/Preprocess", kind="server",
+                             parent=tracing.extract(context.invocation_metadata() or ())) if tracing.enabled else None
         try:
             with metrics.PREPROCESS_SECONDS.time():
                 if request.dtype not in dtypes.BY_PROTO:  # proto3 enums are open: any number can arrive
                     raise RequestError(f"dtype {request.dtype} is not a TensorDtype; use one of "
                                        f"{', '.join(types_pb2.TensorDtype.keys())}", field="dtype")
-                prepared = await self.pre.prepare(request, dtypes.BY_PROTO[request.dtype].name)
+                prepared = await self.pre.prepare(request, dtypes.BY_PROTO[request.dtype].name, span=span)
             metrics.IMAGES.inc(prepared.prompt.images)
             return preprocess_response(prepared.prompt, prompt_text=prepared.prompt_text,
                                        preprocess_ms=prepared.preprocess_ms)
@@ -86,6 +92,7 @@ class PreprocessServicer:
             await errors.abort_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
             metrics.REQUESTS.labels("Preprocess", code.name).inc()
+            tracing.end(span, code.name)
 
 
 def _status_trailers(e: grpc.aio.AioRpcError) -> tuple:

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from kimivl.v1 import chat_pb2
 from kimivl_contract.errors import RequestError, Unauthenticated
+from kimivl_hosting import tracing
 from kimivl_hosting.grpc_host import DRAINING
 
 from .. import metrics
@@ -189,18 +190,28 @@ class OpenAIServer:
             raise from_request_error(e, param=e.field) from None
         self.in_flight += 1
         self.idle.clear()
+        span = tracing.start("POST /v1/chat/completions", parent=tracing.extract(request.headers.items()),
+                             kind="server") if tracing.enabled else None
+        status = "ERROR"
         try:
             try:
-                start = await self.flow.prepare(mapped.request, arrived)
+                start = await self.flow.prepare(mapped.request, arrived, span)
             except RequestError as e:
                 raise from_request_error(e, mapped.translate(str(e)), mapped.param(e.field, str(e))) from None
             headers = {"X-Request-Id": start.request_id}
             async with aclosing(self.flow.stream(start, mapped.request, None)) as replies:
                 first = await self._next(replies, mapped)  # before any byte is sent: a failure keeps its status
                 if mapped.stream:
-                    return await self._stream(request, mapped, start.request_id, first, replies, headers)
-                return await self._collect(mapped, start.request_id, first, replies, headers)
+                    resp = await self._stream(request, mapped, start.request_id, first, replies, headers)
+                else:
+                    resp = await self._collect(mapped, start.request_id, first, replies, headers)
+                status = "OK"
+                return resp
+        except HttpError as e:
+            status = f"HTTP {e.status}"
+            raise
         finally:
+            tracing.end(span, status)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
