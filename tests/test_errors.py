@@ -99,3 +99,12 @@ def test_the_hosts_reflection_knows_the_detail_types_before_any_refusal():
             "descriptor_pool.Default().FindMessageTypeByName('google.rpc.RetryInfo')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_python_example_prints_what_its_comments_say(front_door_alone):
+    (code,) = re.findall(r"```python\n(.*?)```", _doc_section("Python SDK"), re.S)
+    expected = re.findall(r"print\(.*\)  # (.*)$", code, re.M)
+    proc = subprocess.run([sys.executable, "-c", code.replace("localhost:50051", front_door_alone.target)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == expected and len(expected) == 3
