@@ -128,7 +128,7 @@ def node_client() -> str:
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.fail("node and npm are needed for the Node client tests (Node >= 18 on PATH)")
-    if not all((NODE_DIR / "node_modules" / dep).is_dir() for dep in ("@grpc/grpc-js", "google-proto-files")):
+    if not all((NODE_DIR / "node_modules" / dep).is_dir() for dep in ("@grpc/grpc-js", "protobufjs")):
         proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, f"npm ci failed in {NODE_DIR}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"

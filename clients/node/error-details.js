@@ -3,8 +3,9 @@
  * The google.rpc error details a kimivl server attaches to a refusal, read from the
  * `grpc-status-details-bin` trailer: a google.rpc.Status whose `details` are Any-packed
  * ErrorInfo (a stable `reason`), BadRequest (field paths), QuotaFailure and ResourceInfo (limits)
- * and RetryInfo (when to retry). Decoded with protobufjs from the google/rpc protos that
- * google-proto-files (googleapis' own package) ships, so nothing is generated or vendored here.
+ * and RetryInfo (when to retry). Decoded with protobufjs from googleapis' two google/rpc protos,
+ * vendored unchanged in vendor/google/rpc (Apache-2.0, ~10 KB; the package that ships them,
+ * google-proto-files, installs 88 MB of every Google API for these two files).
  */
 const path = require('node:path');
 const protobuf = require('protobufjs');
@@ -19,7 +20,7 @@ let root = null;
 /** The protobufjs Root holding google.rpc.Status and the error detail types (loaded once). */
 function rpcRoot() {
   if (!root) {
-    const dir = path.dirname(require.resolve('google-proto-files/package.json'));
+    const dir = path.join(__dirname, 'vendor');
     // google/protobuf/{any,duration}.proto come from protobufjs's bundled copies.
     root = new protobuf.Root().loadSync(RPC_PROTOS.map((f) => path.join(dir, f)), { keepCase: true });
   }
