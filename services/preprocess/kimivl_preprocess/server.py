@@ -67,6 +67,8 @@ async def serve(args: argparse.Namespace) -> None:
     for service, methods in handlers(ChatServicer(flow), PreprocessServicer(preprocessor)).items():
         host.add_handlers(service, methods)
     bound = host.bind(args.host, args.port, tls.credentials() if tls else None)
+    if args.health_port:  # for probes that cannot do TLS
+        log.info("health Check in plaintext on %s:%d", args.host, host.bind_health(args.host, args.health_port))
     http = None
     if args.http_port:
         from .openai.server import OpenAIServer, ssl_context
