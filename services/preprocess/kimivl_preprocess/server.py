@@ -18,7 +18,7 @@ from kimivl_hosting.grpc_host import GrpcHost
 from kimivl_hosting.options import connection_options
 from kimivl_hosting.tls import channel_credentials, server_tls
 
-from . import auth
+from . import auth, inference_tls
 from .chat import ChatFlow
 from .grpc_auth import ApiKeyInterceptor
 from .inference_client import InferenceClient
@@ -58,6 +58,9 @@ async def serve(args: argparse.Namespace) -> None:
                                 max_model_len=args.max_model_len, max_tensor_bytes=max_msg - 16 * MiB)
     inference = InferenceClient(args.inference_target, max_msg, credentials=inference_credentials,
                                 server_name=args.inference_tls_server_name)
+    renewal = asyncio.create_task(inference_tls.follow(
+        inference.channel, args.inference_tls_ca_file, args.inference_tls_cert_file,
+        args.inference_tls_key_file)) if inference_credentials else None
     flow = ChatFlow(preprocessor, inference, args.wire_dtype, UploadGate(args.inference_uploads))
     keys = auth.load(args.api_keys_file)
 
@@ -89,6 +92,8 @@ async def serve(args: argparse.Namespace) -> None:
     await host.stop.wait()
     log.info("draining: refusing new RPCs, up to %.0f s for in-flight ones", args.drain_timeout_s)
     await asyncio.gather(host.drain(args.drain_timeout_s), *([http.drain(args.drain_timeout_s)] if http else []))
+    if renewal:
+        renewal.cancel()
     await inference.close()
     await fetcher.close()
     pool.close()
