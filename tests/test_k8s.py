@@ -13,6 +13,7 @@ interpreter's environment (the generated kimivl.v1 stubs and the `kimivl` CLI). 
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import os
@@ -68,7 +69,9 @@ def _kubectl() -> str:
 
 @functools.cache
 def _combos_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="kimivl-k8s-combos-"))
+    where = tempfile.mkdtemp(prefix="kimivl-k8s-combos-")
+    atexit.register(shutil.rmtree, where, True)
+    return Path(where)
 
 
 def _source(directory: str) -> Path:
