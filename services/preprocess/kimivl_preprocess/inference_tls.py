@@ -55,6 +55,10 @@ async def follow(channel: RenewableChannel, ca_file: str, cert_file: str | None 
             log.warning("TLS files towards the inference tier changed but do not load (%s); "
                         "keeping the current ones", e)
             continue
-        channel.renew(credentials)
+        try:
+            channel.renew(credentials)
+        except Exception:  # noqa: BLE001 - the follower must outlive one failed renewal
+            log.exception("renewing the channel to the inference tier failed; keeping the current one")
+            continue
         current = contents
         log.info("TLS files towards the inference tier changed (%s): new calls use them", cert_file or ca_file)
