@@ -119,8 +119,10 @@ class GrpcHost:
                  interceptors: Iterable[grpc.aio.ServerInterceptor] = ()):
         self.services = list(services)
         self._drain = _Drain(self.services)
+        self._options = list(options)
         self.server = grpc.aio.server(interceptors=[self._drain, *interceptors],
-                                      options=[*base_server_options(max_message_bytes), *options])
+                                      options=[*base_server_options(max_message_bytes), *self._options])
+        self._health_port = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server)
@@ -138,6 +140,14 @@ class GrpcHost:
             raise SystemExit(f"cannot listen on {host}:{port}")
         return bound
 
+    def bind_health(self, host: str, port: int) -> int:
+        """Also answer health ``Check`` in plaintext on ``host:port`` (:mod:`.health_port`: for probes
+        that cannot do TLS); the port bound. Up from :meth:`start` until the drain has stopped the server."""
+        from .health_port import HealthPort
+
+        self._health_port = HealthPort(self.health, self._options)
+        return self._health_port.bind(host, port)
+
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.services):
@@ -147,6 +157,8 @@ class GrpcHost:
         """Health first (so the first probe gets an answer), then the port, then /metrics."""
         await self.set_serving(serving)
         await self.server.start()
+        if self._health_port:
+            await self._health_port.start()
         if metrics_port:
             start_http_server(metrics_port)
         loop = asyncio.get_running_loop()
@@ -167,3 +179,5 @@ class GrpcHost:
         except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
             pass
         await self.server.stop(grace=0)
+        if self._health_port:
+            await self._health_port.stop()

@@ -34,6 +34,8 @@ async def serve(args) -> int:
     servicer = InferenceServicer(args.prefill_window_ms / 1e3)
     host.add_handlers(INFERENCE_SERVICE, handlers(servicer))
     bound = host.bind(args.host, args.port, tls.credentials() if tls else None)
+    if args.health_port:  # for probes that cannot do TLS
+        log.info("health Check in plaintext on %s:%d", args.host, host.bind_health(args.host, args.health_port))
     await host.start(serving=False, metrics_port=args.metrics_port)
     log.info("inference tier listening on %s:%d (%s); starting the engine", args.host, bound,
              "plaintext" if tls is None else "mutual TLS" if tls.client_ca_file else "TLS")

@@ -14,6 +14,8 @@ import grpc
 
 from kimivl.v1 import inference_pb2
 
+from .renewable_channel import RenewableChannel
+
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
@@ -50,8 +52,8 @@ class InferenceClient:
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        self.channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
-                        else grpc.aio.insecure_channel(target, options=options))
+        # Renewable: the front door's client certificate rotates without a restart (.inference_tls).
+        self.channel = RenewableChannel(target, options, credentials)
         self._generate = self.channel.unary_stream(f"/{INFERENCE_SERVICE}/Generate", request_serializer=None,
                                                    response_deserializer=None)
 

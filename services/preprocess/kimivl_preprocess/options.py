@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reach the inference tier over TLS, verifying it against this PEM CA (default: plaintext)")
     g.add_argument("--inference-tls-cert-file",
                    help="present this PEM client certificate to the inference tier (mutual TLS; with "
-                        "--inference-tls-key-file). Read at start: rotate it with a rolling restart")
+                        "--inference-tls-key-file). The three files are read again when they change: new calls "
+                        "use the new ones, calls in flight finish on the old connection")
     g.add_argument("--inference-tls-key-file", help="PEM private key for --inference-tls-cert-file")
     g.add_argument("--inference-tls-server-name",
                    help="the name the inference tier's certificate carries, when it is not the target's host")

@@ -18,7 +18,7 @@ from kimivl_hosting.grpc_host import GrpcHost
 from kimivl_hosting.options import connection_options
 from kimivl_hosting.tls import channel_credentials, server_tls
 
-from . import auth
+from . import auth, inference_tls
 from .chat import ChatFlow
 from .grpc_auth import ApiKeyInterceptor
 from .inference_client import InferenceClient
@@ -58,6 +58,9 @@ async def serve(args: argparse.Namespace) -> None:
                                 max_model_len=args.max_model_len, max_tensor_bytes=max_msg - 16 * MiB)
     inference = InferenceClient(args.inference_target, max_msg, credentials=inference_credentials,
                                 server_name=args.inference_tls_server_name)
+    renewal = asyncio.create_task(inference_tls.follow(
+        inference.channel, args.inference_tls_ca_file, args.inference_tls_cert_file,
+        args.inference_tls_key_file)) if inference_credentials else None
     flow = ChatFlow(preprocessor, inference, args.wire_dtype, UploadGate(args.inference_uploads))
     keys = auth.load(args.api_keys_file)
 
@@ -67,6 +70,8 @@ async def serve(args: argparse.Namespace) -> None:
     for service, methods in handlers(ChatServicer(flow), PreprocessServicer(preprocessor)).items():
         host.add_handlers(service, methods)
     bound = host.bind(args.host, args.port, tls.credentials() if tls else None)
+    if args.health_port:  # for probes that cannot do TLS
+        log.info("health Check in plaintext on %s:%d", args.host, host.bind_health(args.host, args.health_port))
     http = None
     if args.http_port:
         from .openai.server import OpenAIServer, ssl_context
@@ -87,6 +92,8 @@ async def serve(args: argparse.Namespace) -> None:
     await host.stop.wait()
     log.info("draining: refusing new RPCs, up to %.0f s for the %d in flight", args.drain_timeout_s, host.in_flight)
     await asyncio.gather(host.drain(args.drain_timeout_s), *([http.drain(args.drain_timeout_s)] if http else []))
+    if renewal:
+        renewal.cancel()
     await inference.close()
     await fetcher.close()
     pool.close()
