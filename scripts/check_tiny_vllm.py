@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     if argv:
         model_dir = argv[0]
     else:
-        from kimivl_inference.tiny_model import make_tiny_model
+        from kimivl_devtools.tiny_model import make_tiny_model
 
         model_dir = os.path.join(tempfile.mkdtemp(prefix="kimivl-tiny-"), "model")
         make_tiny_model(model_dir, seed=0)

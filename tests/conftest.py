@@ -106,7 +106,7 @@ def tiny_model_dir() -> Path:
     """models/kimi-vl-tiny (what `make run` uses), made once if missing."""
     global _made
     if not (TINY_MODEL / "config.json").exists() and not _made:
-        from kimivl_inference.tiny_model import make_tiny_model
+        from kimivl_devtools.tiny_model import make_tiny_model
         make_tiny_model(str(TINY_MODEL))
     _made = True
     return TINY_MODEL

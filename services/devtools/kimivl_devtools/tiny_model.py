@@ -12,7 +12,7 @@ function of the seed; the processor comes from the ``vllm.general_plugins`` regi
 (``kimivl_inference.hf_processor``), so ``preprocessor_config.json`` has no ``auto_map``.
 
 CLI: ``kimivl make-tiny-model DIR [--seed N] [--force]`` or
-``python -m kimivl_inference.tiny_model DIR [--seed N] [--force]``.
+``python -m kimivl_devtools.tiny_model DIR [--seed N] [--force]``.
 """
 
 from __future__ import annotations

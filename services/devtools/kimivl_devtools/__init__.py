@@ -1,0 +1,1 @@
+"""Development tools: model directories for tests and demos (not needed to serve)."""
