@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     )
     print(f"engine start: {time.perf_counter() - t:.1f} s")
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}
     ]

@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory) -> Path:
 def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
 
 
 def _sha(path: Path) -> str:
