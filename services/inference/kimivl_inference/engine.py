@@ -10,13 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import warnings
 
 from .options import PRESETS_BY_NAME, Preset, lower_preset, pick_preset
 
 log = logging.getLogger("kimivl.engine")
 
-_TORCH_DTYPES = {0: "bfloat16", 1: "bfloat16", 2: "float16", 3: "float32", 4: "uint8"}
 _OOM_HINTS = ("out of memory", "no available memory", "insufficient memory", "not enough memory",
               "cuda error: out of memory", "kv cache", "cannot allocate")
 
@@ -133,31 +131,18 @@ def build_engine_input(prompt, model_dtype, normalizer=None, tensor_data: list |
     of the message bytes (``tensor_data``: each image's ``pixel_values.data``, already read by
     the validation; read here if None) unless a dtype cast is needed; uint8 (raw pixel) tensors
     are normalized by ``normalizer`` (a :class:`~kimivl_inference.pixels.PixelNormalizer`)."""
-    import torch
     from transformers import BatchFeature
     from vllm.inputs.engine import mm_input
     from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems, PlaceholderRange
+
+    from .pixels import prompt_patches
 
     token_ids = list(prompt.token_ids)
     if not prompt.images:
         from vllm.inputs import TokensPrompt
 
         return TokensPrompt(prompt_token_ids=token_ids)
-    tensors = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it
-        for i, img in enumerate(prompt.images):
-            t = img.pixel_values
-            data = tensor_data[i] if tensor_data is not None else t.data
-            x = torch.frombuffer(data, dtype=getattr(torch, _TORCH_DTYPES[t.dtype])).view(*t.shape)
-            if x.dtype == torch.uint8:
-                if normalizer is None:
-                    raise ValueError("uint8 pixel values need a PixelNormalizer")
-                tensors.append(normalizer(x))
-            else:
-                tensors.append(x.to(model_dtype))  # vLLM casts processor outputs to the model dtype too
-    pixel_values = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-    grid = torch.tensor([[img.grid_height, img.grid_width] for img in prompt.images], dtype=torch.int64)
+    pixel_values, grid = prompt_patches(prompt, model_dtype, normalizer, tensor_data)
     hf = BatchFeature({"pixel_values": pixel_values, "image_grid_hws": grid})
     fields = {  # = vLLM's KimiVLMultiModalProcessor._get_mm_fields_config
         "pixel_values": MultiModalFieldConfig.flat_from_sizes("image", grid.prod(-1)),

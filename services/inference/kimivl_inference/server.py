@@ -1,4 +1,4 @@
-"""The inference tier's gRPC server: InferenceService on vLLM's AsyncLLM.
+"""The inference tier's gRPC server: InferenceService on vLLM's AsyncLLM (or the Transformers engine).
 
 Lifecycle, as an orchestrator sees it through grpc.health.v1:
   NOT_SERVING while the engine starts (the port is open at once, so probes get answers),
@@ -111,11 +111,12 @@ class InferenceServicer:
                                    "at least one token must be left to generate")
             if not request.request_id:
                 request.request_id = uuid.uuid4().hex
+            build = getattr(self.engine, "build_engine_input", build_engine_input)  # vLLM's unless the engine has its own
             if request.prompt.images:  # tensor work (uint8 normalization) off the event loop
-                engine_input = await asyncio.to_thread(build_engine_input, request.prompt, self.model_dtype,
-                                                       self.normalizer, tensor_data)
+                engine_input = await asyncio.to_thread(build, request.prompt, self.model_dtype, self.normalizer,
+                                                       tensor_data)
             else:
-                engine_input = build_engine_input(request.prompt, self.model_dtype)
+                engine_input = build(request.prompt, self.model_dtype)
             if request.prompt.images and self.grouper.enabled:
                 PREFILL_HOLD.observe(await self.grouper.admit(n, engine_busy=self.in_engine > 0))
             last = None
@@ -149,9 +150,7 @@ class InferenceServicer:
             code = grpc.StatusCode.CANCELLED  # the consumer left: vLLM aborts the request on cancel
             raise
         except Exception as e:
-            from vllm.v1.engine.exceptions import EngineDeadError
-
-            if isinstance(e, EngineDeadError) or (self.engine is not None and self.engine.errored):
+            if _engine_dead(e) or (self.engine is not None and self.engine.errored):
                 code = grpc.StatusCode.UNAVAILABLE
                 if self.on_engine_dead:
                     self.on_engine_dead()
@@ -163,6 +162,19 @@ class InferenceServicer:
             (WAITING if state == "waiting" else RUNNING).dec()
             if code is not None:
                 ERRORS.labels(code.name).inc()
+
+
+def _engine_dead(e: Exception) -> bool:
+    """Whether e says the engine (vLLM's or the Transformers one) can serve no more."""
+    from .transformers_engine import EngineDeadError
+
+    if isinstance(e, EngineDeadError):
+        return True
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+    except Exception:  # noqa: BLE001 - no (usable) vLLM: the Transformers engine
+        return False
+    return isinstance(e, VllmEngineDead)
 
 
 async def serve(args) -> int:
@@ -224,7 +236,7 @@ async def serve(args) -> int:
             exit_code = 1
             stop.set()
         else:
-            if args.reinit_dummy_weights:
+            if args.reinit_dummy_weights and args.engine == "vllm":  # the Transformers engine made them so
                 info = await engine.collective_rpc(reinit_dummy_weights, args=(args.seed,))
                 log.info("dummy weights re-initialised: %s", info)
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
@@ -259,6 +271,14 @@ async def serve(args) -> int:
 def _start(args):
     from transformers import AutoTokenizer
 
+    if args.engine == "transformers":
+        from .transformers_engine import start_transformers_engine
+
+        if args.torch_threads > 0:  # the model runs in this process
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
+        return start_transformers_engine(args)
     engine, preset = start_engine(args)
     if args.torch_threads > 0:  # after the engine core process exists: it keeps its own thread count
         import torch
