@@ -103,11 +103,16 @@ _made = False
 
 
 def tiny_model_dir() -> Path:
-    """models/kimi-vl-tiny (what `make run` uses), made once if missing."""
+    """models/kimi-vl-tiny (what `make run` uses), made once if missing; its copy of the
+    project's modeling code (remote code) is refreshed, so edits to kimivl_modeling are tested."""
     global _made
-    if not (TINY_MODEL / "config.json").exists() and not _made:
-        from kimivl_devtools.tiny_model import make_tiny_model
-        make_tiny_model(str(TINY_MODEL))
+    if not _made:
+        if not (TINY_MODEL / "config.json").exists():
+            from kimivl_devtools.tiny_model import make_tiny_model
+            make_tiny_model(str(TINY_MODEL))
+        else:
+            from kimivl_modeling import install_remote_code
+            install_remote_code(TINY_MODEL)
     _made = True
     return TINY_MODEL
 

@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from prometheus_client import Gauge
+
 from .generation import sampling_fields
 from .options import PRESETS_BY_NAME, Preset, pick_preset
 from .pixels import prompt_patches
@@ -41,6 +43,10 @@ log = logging.getLogger("kimivl.transformers_engine")
 
 DEFAULT_MAX_NUM_SEQS = 8  # the guide's standard preset, where no GPU picks one
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+
+# The counterparts of vLLM's vllm:num_requests_running / _waiting.
+RUNNING = Gauge("kimivl_engine_requests_running", "Transformers engine: requests holding a cache row")
+WAITING = Gauge("kimivl_engine_requests_waiting", "Transformers engine: requests waiting for a cache row")
 
 
 class EngineDeadError(RuntimeError):
@@ -229,9 +235,9 @@ class TransformersEngine:
         try:
             with self._torch.inference_mode():
                 while not self._stop:
+                    self._wake.clear()  # before the step: a request arriving during it is not missed
                     if not self._step():
                         self._wake.wait(0.5)
-                        self._wake.clear()
         except BaseException as e:  # noqa: BLE001 - anything here leaves the engine unusable
             log.exception("the Transformers engine failed")
             self.dead_error = e
@@ -262,6 +268,8 @@ class TransformersEngine:
             self._decode(decoding)
         for r in [r for r in self._running if r.aborted]:
             self._release(r)
+        RUNNING.set(len(self._running))
+        WAITING.set(len(self._waiting) + len(self._inbox))
         return admitted or decoding > 0
 
     def _prefill(self, r: _Request) -> None:
