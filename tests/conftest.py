@@ -82,18 +82,18 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_inference(port: int | None = None, extra: list[str] = ()) -> ServerProcess:
+def start_inference(port: int | None = None, extra: list[str] = (), model: Path | None = None) -> ServerProcess:
     port = port or free_port()
-    return ServerProcess("inference", ["inference", "--model", str(tiny_model_dir()), "--host", "127.0.0.1",
+    return ServerProcess("inference", ["inference", "--model", str(model or tiny_model_dir()), "--host", "127.0.0.1",
                                        "--port", str(port), "--metrics-port", str(free_port()), "--device", "cpu",
                                        "--enforce-eager", "--max-model-len", "8192", "--limit-mm-per-prompt", "8",
                                        "--max-num-batched-tokens", "8192",
                                        "--drain-timeout-s", "20", *extra], port)
 
 
-def start_preprocess(inference_target: str, extra: list[str] = ()) -> ServerProcess:
+def start_preprocess(inference_target: str, extra: list[str] = (), model: Path | None = None) -> ServerProcess:
     port = free_port()
-    return ServerProcess("preprocess", ["preprocess", "--model", str(tiny_model_dir()), "--host", "127.0.0.1",
+    return ServerProcess("preprocess", ["preprocess", "--model", str(model or tiny_model_dir()), "--host", "127.0.0.1",
                                         "--port", str(port), "--metrics-port", str(free_port()),
                                         "--inference-target", inference_target, "--workers", "2",
                                         "--max-images", "8", *extra], port)
@@ -120,6 +120,16 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """The tiny trained demo model, written afresh from the committed weights (~20 s)."""
+    from kimivl_devtools.demo_model import make_demo_model
+
+    out = tmp_path_factory.mktemp("demo") / "kimi-vl-demo"
+    make_demo_model(str(out))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,11 @@ EXIT_USAGE = 2
 PASS_THROUGH = {
     "preprocess": ("kimivl_preprocess.preprocess_cli", "preprocess images to an .npz, as the model sees them",
                    "preprocess"),
-    "make-tiny-model": ("kimivl_devtools.tiny_model", "write the tiny random-weight Kimi-VL used by tests and demos",
+    "make-tiny-model": ("kimivl_devtools.tiny_model", "write the tiny random-weight Kimi-VL used by tests",
                         "dev"),
-    "doctor": ("kimivl_inference.doctor", "check the environment: Python, torch, GPU, vLLM, model directory",
+    "make-demo-model": ("kimivl_devtools.demo_model", "write the tiny trained Kimi-VL demo model `make run` serves",
+                        "dev"),
+    "doctor": ("kimivl_inference.doctor", "check the environment: Python, torch, GPU, engines, model directory",
                "inference"),
     "chat": ("kimivl.chat_cli", "chat with a running front door from the terminal", None),
 }

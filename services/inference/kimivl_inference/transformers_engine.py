@@ -34,7 +34,6 @@ from types import SimpleNamespace
 
 from prometheus_client import Gauge
 
-from .generation import sampling_fields
 from .options import PRESETS_BY_NAME, Preset, pick_preset
 from .pixels import prompt_patches
 from .text_stream import TextStream
@@ -167,6 +166,8 @@ class TransformersEngine:
 
     @staticmethod
     def make_sampling_params(sampling, max_tokens: int) -> SamplingParams:
+        from .generation import sampling_fields  # (the gRPC types; the engine itself does not need them)
+
         return SamplingParams(**sampling_fields(sampling, max_tokens))
 
     @staticmethod
@@ -394,7 +395,7 @@ def start_transformers_engine(args):
         # No device_map: it needs accelerate, which this path does not require.
         model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=dtype,
                                                      attn_implementation=attn).to(device)
-    model.eval()
+    model.eval().requires_grad_(False)
     if hasattr(model, "stack_experts"):
         model.stack_experts()  # one grouped matmul per expert projection (the project's modeling code)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)

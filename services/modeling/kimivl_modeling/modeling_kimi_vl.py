@@ -300,14 +300,15 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.vdim, self.lora)
         if t == 1 and cache is not None:
             # Decode: attend in the latent space. q_nope . (W_uk c) = (W_uk^T q_nope) . c, and the
-            # output W_uv (sum_j p_j c_j), so the cache is never expanded per head.
-            q_lat = torch.einsum("bthn,hnl->bhtl", q_nope, w[:, : self.nope])
-            scores = (torch.matmul(q_lat, c.unsqueeze(1).transpose(-1, -2))
-                      + torch.matmul(q_pe.transpose(1, 2), k_pe.unsqueeze(1).transpose(-1, -2))).float() * self.scale
+            # output is W_uv (sum_j p_j c_j), so the cache is never expanded per head. With one
+            # query token the heads are the rows of one matmul per sequence.
+            q_lat = torch.einsum("bhn,hnl->bhl", q_nope[:, 0], w[:, : self.nope])
+            scores = (torch.bmm(q_lat, c.transpose(1, 2)) + torch.bmm(q_pe[:, 0], k_pe.transpose(1, 2))).float()
+            scores = scores * self.scale
             if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            o_lat = torch.matmul(scores.softmax(-1).to(c.dtype), c.unsqueeze(1))  # (B, H, 1, lora)
-            out = torch.einsum("bhtl,hvl->bthv", o_lat, w[:, self.nope:])
+                scores = scores.masked_fill(~mask[:, 0], float("-inf"))  # (B, 1, L) over the heads
+            o_lat = torch.bmm(scores.softmax(-1).to(c.dtype), c)  # (B, H, lora)
+            out = torch.einsum("bhl,hvl->bhv", o_lat, w[:, self.nope:]).unsqueeze(1)
         else:
             kv = F.linear(c, self.kv_b_proj.weight).view(b, -1, self.num_heads, self.nope + self.vdim)
             k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
