@@ -34,6 +34,7 @@ serving engine passes its own batched one).
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 
 import torch
@@ -43,6 +44,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_kimi_vl import KimiVLConfig, KimiVLTextConfig, MoonViTConfig
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- attention kernels
 
@@ -387,9 +390,14 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         ids, weights = self.gate(x)
         grouped = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+        out = None
         if self._stacked is not None and grouped is not None:
-            out = self._grouped(x, ids, weights, grouped)
-        else:
+            try:
+                out = self._grouped(x, ids, weights, grouped)
+            except RuntimeError as e:  # a kernel that refuses this dtype/device/layout: loop from now on
+                logger.warning("grouped expert matmul unavailable (%s); looping over experts", e)
+                self._stacked = None
+        if out is None:
             out = self._looped(x, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
