@@ -294,7 +294,10 @@ class MLAttention(nn.Module):
             c, k_pe = cache.update(c.unsqueeze(1), k_pe.unsqueeze(1), self.layer_idx, {"cache_index": cache_index})
             c, k_pe = c.squeeze(1), k_pe.squeeze(1)
         mask = None
-        if cache_index is not None or key_mask is not None:  # keys past a query's own index are hidden
+        # A prompt written from position 0 (L == T) needs only the causal rule, which the fused
+        # kernels take without a mask; otherwise keys past each query's own index are hidden.
+        plain_causal = key_mask is None and (cache_index is None or (t > 1 and c.shape[1] == t))
+        if not plain_causal:
             idx = cache_index if cache_index is not None else torch.arange(t, device=x.device).expand(b, t)
             mask = torch.arange(c.shape[1], device=x.device).view(1, 1, -1) <= idx.unsqueeze(-1)
             if key_mask is not None:
