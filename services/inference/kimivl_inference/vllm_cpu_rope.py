@@ -89,10 +89,13 @@ def apply() -> bool:
     if _applied:
         return True
     try:
-        from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
         from vllm.platforms import current_platform
 
-        if not current_platform.is_cpu() or getattr(RotaryEmbedding.forward_cpu, "kimivl_contiguous", False):
+        if not current_platform.is_cpu():  # checked first: elsewhere nothing more is imported
+            return False
+        from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+        if getattr(RotaryEmbedding.forward_cpu, "kimivl_contiguous", False):
             return False
         if kernel_is_exact():
             return False
