@@ -157,3 +157,20 @@ def test_text_stream_holds_back_a_possible_stop_string(engine):
     assert s.stopped and out == "The quick brown "
     s = TextStream(tok)
     assert "".join(s.push(i) for i in ids) + s.finish() == "The quick brown fox jumps"
+
+
+def test_the_checkpoints_own_classes_load_even_with_vllms_config_registered(tiny_model):
+    """Our vLLM plugin registers vLLM's kimi_vl config with transformers (for the processor);
+    the Auto classes would then prefer it over the checkpoint's remote code, whose text config
+    carries fields vLLM's lacks (rope_theta): the engine must load what auto_map names."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from kimivl_inference import hf_processor
+    from kimivl_inference.transformers_engine import checkpoint_classes
+
+    hf_processor.register()
+    assert "kimi_vl" in CONFIG_MAPPING  # vLLM's, registered
+    config_cls, model_cls = checkpoint_classes(str(tiny_model))
+    assert config_cls.__module__.startswith("transformers_modules.") and config_cls.__name__ == "KimiVLConfig"
+    assert model_cls.__name__ == "KimiVLForConditionalGeneration"
+    assert config_cls.from_pretrained(str(tiny_model)).text_config.rope_theta == 800000.0

@@ -30,10 +30,11 @@ pytestmark = pytest.mark.engine
 
 
 class NoVllmServer(ServerProcess):
+    """The tier through tests/no_vllm.py: `kimivl` with vLLM unimportable."""
+
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "no_vllm.py"), "serve", *self.args],
-                                     stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        self.cmd = [sys.executable, str(ROOT / "tests" / "no_vllm.py"), "serve", self.tier, *self.args]
+        super().start()
 
 
 @pytest.fixture(scope="module")
