@@ -394,7 +394,9 @@ def start_transformers_engine(args):
     else:
         preset = PRESETS_BY_NAME[args.preset]
     config_cls, model_cls = checkpoint_classes(args.model)
-    config = config_cls.from_pretrained(args.model, trust_remote_code=True)
+    auto = model_cls is AutoModelForCausalLM
+    remote = {"trust_remote_code": True} if auto else {}  # the checkpoint's classes need no flag
+    config = config_cls.from_pretrained(args.model, **remote)
     dtype = getattr(config, "dtype", None) if args.dtype == "auto" else getattr(torch, args.dtype)
     dtype = dtype or torch.bfloat16
     attn = args.attn_implementation
@@ -407,15 +409,14 @@ def start_transformers_engine(args):
     t0 = time.perf_counter()
     if args.load_format == "dummy":
         with torch.device(device):
-            model = (model_cls._from_config(config, dtype=dtype, attn_implementation=attn)
-                     if model_cls is not AutoModelForCausalLM else
-                     model_cls.from_config(config, trust_remote_code=True, dtype=dtype, attn_implementation=attn))
+            model = (model_cls.from_config(config, dtype=dtype, attn_implementation=attn, **remote) if auto
+                     else model_cls._from_config(config, dtype=dtype, attn_implementation=attn))
         log.info("dummy weights: %d tensors N(0, 1/fan_in) from seed %d", init_dummy_weights(model, args.seed),
                  args.seed)
     else:
         # No device_map: it needs accelerate, which this path does not require.
-        model = model_cls.from_pretrained(args.model, config=config, trust_remote_code=True, dtype=dtype,
-                                          attn_implementation=attn).to(device)
+        model = model_cls.from_pretrained(args.model, config=config, dtype=dtype, attn_implementation=attn,
+                                          **remote).to(device)
     model.eval().requires_grad_(False)
     if hasattr(model, "stack_experts"):
         model.stack_experts()  # one grouped matmul per expert projection (the project's modeling code)
