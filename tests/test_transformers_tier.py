@@ -12,7 +12,6 @@ float32.) vLLM's CPU rotary kernel needs the fix in kimivl_inference.vllm_cpu_ro
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import time
 import urllib.request

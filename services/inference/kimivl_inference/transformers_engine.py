@@ -62,6 +62,8 @@ class SamplingParams:
     stop: list | None
     ignore_eos: bool
     max_tokens: int
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @dataclass
