@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     if argv:
         model_dir = argv[0]
     else:
-        from kimivl_inference.tiny_model import make_tiny_model
+        from kimivl_devtools.tiny_model import make_tiny_model
 
         model_dir = os.path.join(tempfile.mkdtemp(prefix="kimivl-tiny-"), "model")
         make_tiny_model(model_dir, seed=0)
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     )
     print(f"engine start: {time.perf_counter() - t:.1f} s")
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}
     ]

@@ -46,10 +46,11 @@ class ServerProcess(TierProcess):
             raise RuntimeError(str(e)) from None
 
 
-def start_inference(port: int | None = None, extra: list[str] = (), env: dict | None = None) -> ServerProcess:
+def start_inference(port: int | None = None, extra: list[str] = (), env: dict | None = None,
+                    model: Path | None = None) -> ServerProcess:
     """An inference tier; its Prometheus metrics are at ``srv.metrics``."""
     port, metrics = port or free_port(), free_port()
-    srv = ServerProcess("inference", ["inference", "--model", str(tiny_model_dir()), "--host", "127.0.0.1",
+    srv = ServerProcess("inference", ["inference", "--model", str(model or tiny_model_dir()), "--host", "127.0.0.1",
                                       "--port", str(port), "--metrics-port", str(metrics), "--device", "cpu",
                                       "--enforce-eager", "--max-model-len", "8192", "--limit-mm-per-prompt", "8",
                                       "--max-num-batched-tokens", "8192",
@@ -58,11 +59,12 @@ def start_inference(port: int | None = None, extra: list[str] = (), env: dict | 
     return srv
 
 
-def start_preprocess(inference_target: str, extra: list[str] = (), env: dict | None = None) -> ServerProcess:
+def start_preprocess(inference_target: str, extra: list[str] = (), env: dict | None = None,
+                     model: Path | None = None) -> ServerProcess:
     """A front door; its OpenAI-compatible HTTP port is ``srv.http`` (http://host:port) and its
     metrics ``srv.metrics``."""
     port, http, metrics = free_port(), free_port(), free_port()
-    srv = ServerProcess("preprocess", ["preprocess", "--model", str(tiny_model_dir()), "--host", "127.0.0.1",
+    srv = ServerProcess("preprocess", ["preprocess", "--model", str(model or tiny_model_dir()), "--host", "127.0.0.1",
                                        "--port", str(port), "--metrics-port", str(metrics), "--http-port", str(http),
                                        "--inference-target", inference_target, "--workers", "2",
                                        "--max-images", "8", *extra], port, env)
@@ -74,11 +76,16 @@ _made = False
 
 
 def tiny_model_dir() -> Path:
-    """models/kimi-vl-tiny (what `make run` uses), made once if missing."""
+    """models/kimi-vl-tiny (what `make run` uses), made once if missing; its copy of the
+    project's modeling code (remote code) is refreshed, so edits to kimivl_modeling are tested."""
     global _made
-    if not (TINY_MODEL / "config.json").exists() and not _made:
-        from kimivl_inference.tiny_model import make_tiny_model
-        make_tiny_model(str(TINY_MODEL))
+    if not _made:
+        if not (TINY_MODEL / "config.json").exists():
+            from kimivl_devtools.tiny_model import make_tiny_model
+            make_tiny_model(str(TINY_MODEL))
+        else:
+            from kimivl_modeling import install_remote_code
+            install_remote_code(TINY_MODEL)
     _made = True
     return TINY_MODEL
 

@@ -102,7 +102,7 @@ async def test_async_client_and_hidden_thinking(front_door):
 def test_text_fields_are_the_decoded_tokens_minus_markers(front_door, tiny_model):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model), trust_remote_code=True)
     with Client(front_door.target, timeout_s=300) as c:
         r = c.chat(["Think about", ASTRONAUT], sampling={"temperature": 0.0, "max_tokens": 40})
     full = tok.decode(r.token_ids, skip_special_tokens=True)

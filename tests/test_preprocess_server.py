@@ -58,7 +58,7 @@ def stubs(front_door_alone):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    return AutoTokenizer.from_pretrained(str(tiny_model))
+    return AutoTokenizer.from_pretrained(str(tiny_model), trust_remote_code=True)
 
 
 def preprocess(stub, conv=None, raw=None, dtype=types_pb2.TENSOR_DTYPE_BFLOAT16):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kimivl_devtools.tiny_model import SPECIAL_TOKENS, main, make_tiny_model
 from kimivl_inference import hf_processor
 from kimivl_inference.hf_processor import KimiVLImageProcessor, KimiVLProcessor
-from kimivl_inference.tiny_model import SPECIAL_TOKENS, main, make_tiny_model
 
 PAD = SPECIAL_TOKENS["<|media_pad|>"]
 IMAGE_PART = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory) -> Path:
 def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
 
 
 def _sha(path: Path) -> str:
@@ -282,7 +282,7 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 def test_module_entry_point():
     run = subprocess.run(
-        [sys.executable, "-m", "kimivl_inference.tiny_model", "--help"],
+        [sys.executable, "-m", "kimivl_devtools.tiny_model", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,2 +1,3 @@
-"""Development tools, not part of either production tier: the tiny model, realistic dummy
-weights for benchmarks, and starting tiers as child processes (tests, `make run`, benchmarks)."""
+"""Development tools, not part of either production tier: model directories for tests and demos
+(the tiny model), realistic dummy weights for benchmarks, and starting tiers as child processes
+(tests, `make run`, benchmarks)."""

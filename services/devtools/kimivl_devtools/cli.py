@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def make_tiny_model(argv: list[str]) -> int:
-    """write the tiny random-weight Kimi-VL used by tests and demos"""
-    from kimivl_inference.tiny_model import main
+    """write the tiny random-weight Kimi-VL used by tests"""
+    from .tiny_model import main
 
     return main(argv)

@@ -9,11 +9,10 @@ could otherwise send one image's pixels under another's hash and read or plant c
 """
 from __future__ import annotations
 
-import warnings
-
 from kimivl_contract import dtypes
 from kimivl_contract.identity import tensor_identity
 
+from .pixels import prompt_patches
 from .vision_fastpath import RAW_PIXELS_KEY
 
 
@@ -26,7 +25,6 @@ def build_engine_input(prompt, model_dtype, normalizer=None, tensor_data: list |
     settings are part of their identity, or, with ``raw_pixels`` (the engine runs the vision fast
     path) and every image uint8, handed to the engine as they are under a key of their own, to be
     normalized on the device."""
-    import torch
     from transformers import BatchFeature
     from vllm.inputs.engine import mm_input
     from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems, PlaceholderRange
@@ -37,25 +35,10 @@ def build_engine_input(prompt, model_dtype, normalizer=None, tensor_data: list |
 
         return TokensPrompt(prompt_token_ids=token_ids)
     raw_all = raw_pixels and all(img.pixel_values.dtype == dtypes.UINT8.proto for img in prompt.images)
-    tensors, hashes = [], []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it
-        for i, img in enumerate(prompt.images):
-            t = img.pixel_values
-            data = tensor_data[i] if tensor_data is not None else t.data
-            raw = t.dtype == dtypes.UINT8.proto
-            hashes.append(tensor_identity(img, data, normalizer.fingerprint if raw and normalizer else b""))
-            x = torch.frombuffer(data, dtype=getattr(torch, dtypes.BY_PROTO[t.dtype].name)).view(*t.shape)
-            if raw_all:
-                tensors.append(x)
-            elif x.dtype == torch.uint8:
-                if normalizer is None:
-                    raise ValueError("uint8 pixel values need a PixelNormalizer")
-                tensors.append(normalizer(x))
-            else:
-                tensors.append(x.to(model_dtype))  # vLLM casts processor outputs to the model dtype too
-    pixel_values = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-    grid = torch.tensor([[img.grid_height, img.grid_width] for img in prompt.images], dtype=torch.int64)
+    data = tensor_data if tensor_data is not None else [img.pixel_values.data for img in prompt.images]
+    hashes = [tensor_identity(img, d, normalizer.fingerprint if img.pixel_values.dtype == dtypes.UINT8.proto
+                              and normalizer else b"") for img, d in zip(prompt.images, data, strict=True)]
+    pixel_values, grid = prompt_patches(prompt, model_dtype, normalizer, data, raw=raw_all)
     key = RAW_PIXELS_KEY if raw_all else "pixel_values"  # a key of its own: never batched with float patches
     hf = BatchFeature({key: pixel_values, "image_grid_hws": grid})
     fields = {  # = vLLM's KimiVLMultiModalProcessor._get_mm_fields_config

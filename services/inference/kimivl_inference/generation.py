@@ -31,11 +31,9 @@ class GenerationStats:
     token_times: list[float] = field(default_factory=list)
 
 
-def sampling_params(sampling, max_tokens: int):
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    return SamplingParams(
+def sampling_fields(sampling, max_tokens: int) -> dict:
+    """SamplingParameters as the engine's sampling fields (vLLM's names and defaults)."""
+    return dict(
         temperature=sampling.temperature if sampling.HasField("temperature") else DEFAULT_TEMPERATURE,
         top_p=sampling.top_p if sampling.HasField("top_p") else DEFAULT_TOP_P,
         top_k=sampling.top_k if sampling.HasField("top_k") else 0,
@@ -46,9 +44,16 @@ def sampling_params(sampling, max_tokens: int):
         stop=list(sampling.stop) or None,
         ignore_eos=sampling.ignore_eos,
         max_tokens=max_tokens,
-        output_kind=RequestOutputKind.DELTA,
-        skip_special_tokens=True,
     )
+
+
+def sampling_params(sampling, max_tokens: int):
+    """vLLM's SamplingParams; an engine with its own (``engine.make_sampling_params``) uses that."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(**sampling_fields(sampling, max_tokens), output_kind=RequestOutputKind.DELTA,
+                          skip_special_tokens=True)
 
 
 async def generate(engine, engine_input, request, *, max_model_len: int, end_marker_ids: list[int],
@@ -71,8 +76,9 @@ async def generate(engine, engine_input, request, *, max_model_len: int, end_mar
     current_input = engine_input
     attempt = 0
 
+    make_params = getattr(engine, "make_sampling_params", None) or sampling_params
     while True:
-        params = sampling_params(sampling, max_tokens - len(generated))
+        params = make_params(sampling, max_tokens - len(generated))
         budget_hit = False
         # aclosing: leaving the loop early must close the engine's generator now (which
         # aborts the engine request), not whenever it is garbage-collected.

@@ -87,6 +87,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=50052)
     p.add_argument("--model", required=True, help="model directory (weights, config, tokenizer)")
+    p.add_argument("--engine", choices=["vllm", "transformers"], default="vllm",
+                   help="vllm (default): vLLM's AsyncLLM. transformers: the model loaded with Hugging Face "
+                        "Transformers (AutoModelForCausalLM, trust_remote_code), for where vLLM does not run and as "
+                        "a reference; same API, validation, thinking split and health")
+    p.add_argument("--attn-implementation", choices=["auto", "flash_attention_2", "sdpa", "eager"], default="auto",
+                   help="--engine transformers: attention kernels (auto: flash_attention_2 on a GPU with flash-attn "
+                        "installed, else sdpa)")
     p.add_argument("--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--preset", choices=["auto", "none", *PRESETS_BY_NAME], default="auto",
                    help="engine settings by GPU memory: 24gb, 32gb, 48gb (48+ GB), auto (from the GPU; "

@@ -48,3 +48,39 @@ class PixelNormalizer:
         if self.exact:
             return self._arithmetic(x)
         return self._table[x.long() + self._offsets]
+
+
+def prompt_patches(prompt, model_dtype, normalizer: PixelNormalizer | None = None, tensor_data: list | None = None,
+                   raw: bool = False):
+    """A validated PreparedPrompt's images as the processor's outputs: ``pixel_values``
+    (sum h*w, 3, 14, 14) in the model dtype and ``image_grid_hws`` (n, 2) int64, or (None, None)
+    without images. Floating tensors are views of the message bytes (``tensor_data``: each
+    image's ``pixel_values.data``, already read by the validation; read here if None) unless a
+    cast is needed; uint8 (raw pixel) tensors are normalized by ``normalizer``, or, with ``raw``
+    (every image uint8; the engine normalizes on its device), left as they are."""
+    import warnings
+
+    import torch
+
+    from kimivl_contract import dtypes
+
+    if not prompt.images:
+        return None, None
+    tensors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it
+        for i, img in enumerate(prompt.images):
+            t = img.pixel_values
+            data = tensor_data[i] if tensor_data is not None else t.data
+            x = torch.frombuffer(data, dtype=getattr(torch, dtypes.BY_PROTO[t.dtype].name)).view(*t.shape)
+            if raw:
+                tensors.append(x)
+            elif x.dtype == torch.uint8:
+                if normalizer is None:
+                    raise ValueError("uint8 pixel values need a PixelNormalizer")
+                tensors.append(normalizer(x))
+            else:
+                tensors.append(x.to(model_dtype))  # vLLM casts processor outputs to the model dtype too
+    pixel_values = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    grid = torch.tensor([[img.grid_height, img.grid_width] for img in prompt.images], dtype=torch.int64)
+    return pixel_values, grid

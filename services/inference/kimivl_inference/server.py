@@ -1,4 +1,4 @@
-"""The inference tier's process: wiring and lifecycle.
+"""The inference tier's process: wiring and lifecycle, on vLLM's AsyncLLM (or the Transformers engine).
 
 As an orchestrator sees it through grpc.health.v1: NOT_SERVING while the engine starts (the port
 is open at once, so probes get answers), SERVING once it is ready, NOT_SERVING while draining on
@@ -60,7 +60,7 @@ async def serve(args) -> int:
             exit_code = 1
             host.stop.set()
         else:
-            if args.reinit_dummy_weights:
+            if args.reinit_dummy_weights and args.engine == "vllm":  # the Transformers engine made them so
                 from kimivl_devtools.reinit import reinit_dummy_weights
 
                 info = await engine.collective_rpc(reinit_dummy_weights, args=(args.seed,))
@@ -73,7 +73,8 @@ async def serve(args) -> int:
             servicer.raw_pixels = fastpath.raw_pixels and not getattr(cc, "cudagraph_mm_encoder", False)
             metrics.VISION_FASTPATH.set(int(fastpath.active))
             log.info("vision fast path %s", fastpath.detail)
-            if args.warmup_grids and not await _warm_up(servicer, tokenizer, args, engine):
+            # The warm-up compiles vLLM's graphs per grid; the Transformers engine has none to build.
+            if args.warmup_grids and args.engine == "vllm" and not await _warm_up(servicer, tokenizer, args, engine):
                 exit_code = 1
                 host.stop.set()
         if not exit_code and not host.stop.is_set():
@@ -124,6 +125,15 @@ async def _warm_up(servicer, tokenizer, args, engine) -> bool:
 def _start(args):
     from transformers import AutoTokenizer
 
+    if args.engine == "transformers":
+        from .transformers_engine import start_transformers_engine
+        from .vision_fastpath import EngineSetup
+
+        if args.torch_threads > 0:  # the model runs in this process
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
+        return (*start_transformers_engine(args), EngineSetup(False, False, "off (the Transformers engine)"))
     # Before the engine args are made: vLLM runs its plugins (ours reads this environment) from then on.
     fastpath = configure_engine_processes(not args.no_vision_fastpath, args.posemb_cache_mb)
     engine, preset = start_engine(args)

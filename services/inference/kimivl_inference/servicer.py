@@ -70,6 +70,14 @@ class InferenceServicer:
                                       getattr(sched, "max_num_batched_tokens", None) or mc.max_model_len)
         self.engine = engine
 
+    def _build_input(self, prompt, model_dtype, normalizer=None, tensor_data=None):
+        """vLLM's engine input (raw uint8 patches where its fast path takes them), unless the engine
+        builds its own (the Transformers engine)."""
+        own = getattr(self.engine, "build_engine_input", None)
+        if own is not None:
+            return own(prompt, model_dtype, normalizer, tensor_data)
+        return build_engine_input(prompt, model_dtype, normalizer, tensor_data, self.raw_pixels)
+
     def _trace_headers(self, span) -> dict | None:
         """The engine's own request span joins the trace when vLLM traces too (same endpoint)."""
         if span is None or not self.engine_traces:
@@ -102,11 +110,12 @@ class InferenceServicer:
             if not request.request_id:
                 request.request_id = uuid.uuid4().hex
             with tracing.child("engine_input", span):
+                build = self._build_input
                 if request.prompt.images:  # tensor work (identity, normalization) off the event loop
-                    engine_input = await asyncio.to_thread(build_engine_input, request.prompt, self.model_dtype,
-                                                           self.normalizer, tensor_data, self.raw_pixels)
+                    engine_input = await asyncio.to_thread(build, request.prompt, self.model_dtype, self.normalizer,
+                                                           tensor_data)
                 else:
-                    engine_input = build_engine_input(request.prompt, self.model_dtype)
+                    engine_input = build(request.prompt, self.model_dtype)
             if request.prompt.images and self.grouper.enabled:
                 with tracing.child("admission.prefill_window", span):
                     metrics.PREFILL_HOLD.observe(await self.grouper.admit(n, engine_busy=self.in_engine > 0))
@@ -148,9 +157,7 @@ class InferenceServicer:
             code = grpc.StatusCode.CANCELLED  # the consumer left: vLLM aborts the request on cancel
             raise
         except Exception as e:
-            from vllm.v1.engine.exceptions import EngineDeadError
-
-            if isinstance(e, EngineDeadError) or (self.engine is not None and self.engine.errored):
+            if _engine_dead(e) or (self.engine is not None and self.engine.errored):
                 code = grpc.StatusCode.UNAVAILABLE
                 if self.on_engine_dead:
                     self.on_engine_dead()
@@ -164,6 +171,19 @@ class InferenceServicer:
             (metrics.WAITING if state == "waiting" else metrics.RUNNING).dec()
             if code is not None:
                 metrics.ERRORS.labels(code.name).inc()
+
+
+def _engine_dead(e: Exception) -> bool:
+    """Whether e says the engine (vLLM's or the Transformers one) can serve no more."""
+    from .transformers_engine import EngineDeadError
+
+    if isinstance(e, EngineDeadError):
+        return True
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+    except Exception:  # noqa: BLE001 - no (usable) vLLM: the Transformers engine
+        return False
+    return isinstance(e, VllmEngineDead)
 
 
 def handlers(servicer: InferenceServicer) -> dict:

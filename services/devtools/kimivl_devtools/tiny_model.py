@@ -10,9 +10,12 @@ Weights are N(0, 1/fan_in) (norms 1, biases 0): with the usual 0.02 the output i
 image, which would make image-sensitive tests meaningless. Every file is a deterministic
 function of the seed; the processor comes from the ``vllm.general_plugins`` registration
 (``kimivl_inference.hf_processor``), so ``preprocessor_config.json`` has no ``auto_map``.
+The model code does travel with the directory, as with the real checkpoint: the project's
+``kimivl_modeling`` files, which ``config.json``'s ``auto_map`` names, so Transformers loads
+the directory with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
 
 CLI: ``kimivl make-tiny-model DIR [--seed N] [--force]`` or
-``python -m kimivl_inference.tiny_model DIR [--seed N] [--force]``.
+``python -m kimivl_devtools.tiny_model DIR [--seed N] [--force]``.
 """
 
 from __future__ import annotations
@@ -212,6 +215,9 @@ meaningless, but deterministic and dependent on the image.
 - max_position_embeddings {max_pos}; weights bfloat16, N(0, 1/fan_in), norms 1, biases 0.
 - No processor code here: `preprocessor_config.json` names `KimiVLProcessor`, which the
   `kimivl` vLLM plugin (`kimivl_inference.plugin:register`) registers.
+- Model code as remote code: `configuration_kimi_vl.py` and `modeling_kimi_vl.py` (the
+  project's implementation, `kimivl_modeling`), named by `config.json`'s `auto_map`, so
+  `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads this directory.
 
 model.safetensors sha256: {sha}
 """
@@ -369,6 +375,8 @@ def make_tiny_model(out_dir: str, seed: int = 0) -> dict:
     """
     from safetensors.torch import save_file
 
+    from kimivl_modeling import install_remote_code
+
     out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
@@ -379,6 +387,7 @@ def make_tiny_model(out_dir: str, seed: int = 0) -> dict:
         _write_json(tmp / "config.json", MODEL_CONFIG)
         _write_json(tmp / "generation_config.json", GENERATION_CONFIG)
         _write_json(tmp / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+        install_remote_code(tmp)
         tensors = _init_weights(seed)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         sha = _sha256(tmp / "model.safetensors")
