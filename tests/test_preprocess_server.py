@@ -243,7 +243,7 @@ def test_private_urls_are_refused_by_default(stubs, url):
         finally:
             await f.close()
 
-    with pytest.raises(RequestError, match="private, loopback or link-local"):
+    with pytest.raises(RequestError, match="non-public addresses"):
         asyncio.run(go())
 
 

@@ -3,10 +3,22 @@
 Every check in both tiers raises :class:`RequestError` (or a subclass) with a message that
 names the field and the limit; a server turns it into a status with :func:`status_code` and
 :func:`abort`, in one place, so the mapping is never written twice.
+
+Every message a client is shown goes through :func:`client_message` here: control characters
+escaped and at most ~1 KB, so text from elsewhere (a remote server's answer, a decoder's
+complaint) can neither break gRPC's metadata limits nor smuggle bytes into a client's logs.
 """
 from __future__ import annotations
 
+import math
+
 import grpc
+
+MAX_MESSAGE_CHARS = 1024
+# Trailing metadata of a load-shedding answer: how long to wait before retrying (integer ms).
+# ``grpc-retry-pushback-ms`` is the name gRPC clients' retry policies read (gRFC A6).
+RETRY_AFTER_KEY = "retry-after-ms"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 class RequestError(ValueError):
@@ -26,6 +38,9 @@ class RequestError(ValueError):
         if resource_exhausted:
             self.code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    def trailing_metadata(self, retry_pushback: bool = False) -> tuple[tuple[str, str], ...]:
+        return ()
+
 
 class Unauthenticated(RequestError):
     """No valid credentials (UNAUTHENTICATED)."""
@@ -34,19 +49,68 @@ class Unauthenticated(RequestError):
 
 
 class Overloaded(RequestError):
-    """Load shed before any work was done; safe to retry elsewhere or later (UNAVAILABLE)."""
+    """Load shed before any work was done; safe to retry elsewhere or later (UNAVAILABLE).
+
+    The message ends with the hint ("retry after 0.5 s"); the trailing metadata carries it as
+    ``retry-after-ms``, and, where asked, as ``grpc-retry-pushback-ms`` for clients' retry policies.
+    """
 
     code = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+        retry_after_s = retry_after_s if math.isfinite(retry_after_s) else 1.0
+        self.retry_after_s = max(0.0, retry_after_s)
+        super().__init__(f"{message}; retry after {self.retry_after_s:.2g} s")
+
+    @property
+    def retry_after_ms(self) -> int:
+        return max(1, round(self.retry_after_s * 1e3))
+
+    def trailing_metadata(self, retry_pushback: bool = False) -> tuple[tuple[str, str], ...]:
+        md = ((RETRY_AFTER_KEY, str(self.retry_after_ms)),)
+        return (*md, (RETRY_PUSHBACK_KEY, str(self.retry_after_ms))) if retry_pushback else md
+
+
+def retry_after_s(metadata) -> float | None:
+    """The ``retry-after-ms`` hint in a call's (trailing) metadata, in seconds; None if absent or not a number."""
+    for key, value in metadata or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                ms = int(value)
+            except (TypeError, ValueError):
+                return None
+            return ms / 1e3 if 0 <= ms <= 3_600_000 else None
+    return None
+
+
+def client_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` as a client may see it: non-printable characters escaped (``\\x1b``, ``\\u2028``),
+    at most ``limit`` characters, a longer text cut with a note of how much was left out."""
+    head = text[:limit]
+    if not head.isprintable():
+        head = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                       for c in head)
+    if len(text) <= limit and len(head) <= limit:
+        return head
+    note = f"… ({len(text)} characters, cut)"
+    return head[: max(0, limit - len(note))] + note
+
+
+def quote(value, limit: int = 80) -> str:
+    """A short, escaped rendering of untrusted ``value`` (e.g. bytes from a remote) to embed in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def status_code(error: RequestError) -> grpc.StatusCode:
     return error.code
 
 
-async def abort(context: grpc.aio.ServicerContext, error: RequestError):
-    """Answer ``error`` as the RPC's status (raises, as ``context.abort`` does)."""
-    await context.abort(error.code, str(error))
+async def abort(context: grpc.aio.ServicerContext, error: RequestError, *, retry_pushback: bool = False):
+    """Answer ``error`` as the RPC's status (raises, as ``context.abort`` does).
+
+    ``retry_pushback``: also send a load-shedding hint as ``grpc-retry-pushback-ms`` (the
+    client-facing tier does; between the tiers the front door retries on another replica at once).
+    """
+    await context.abort(error.code, client_message(str(error)),
+                        trailing_metadata=error.trailing_metadata(retry_pushback))

@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from .malformed import refuse_malformed
+
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -116,6 +118,9 @@ class GrpcHost:
         self.stop = asyncio.Event()
 
     def add_handlers(self, service: str, handlers: dict) -> None:
+        """``handlers`` (method name -> RpcMethodHandler) of ``service``; request bytes that do not
+        parse are answered INVALID_ARGUMENT before they reach them (:mod:`.malformed`)."""
+        handlers = {name: refuse_malformed(h) for name, h in handlers.items()}
         self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, handlers)])
 
     def bind(self, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
