@@ -32,7 +32,9 @@ CONNECTION_AGE_OPTIONS = [
 async def serve(args) -> int:
     host = GrpcHost([INFERENCE_SERVICE], max_message_bytes=args.max_message_mb * MiB,
                     options=CONNECTION_AGE_OPTIONS)
-    servicer = InferenceServicer(args.prefill_window_ms / 1e3)
+    servicer = InferenceServicer(args.prefill_window_ms / 1e3, budget_options=dict(
+        max_waiting=args.max_waiting, max_queued=args.max_queued, max_queue_wait_s=args.max_queue_wait_s,
+        max_tensor_mb=args.max_tensor_mb))
     host.add_handlers(INFERENCE_SERVICE, handlers(servicer))
     bound = host.bind(args.host, args.port)
     await host.start(serving=False, metrics_port=args.metrics_port)
@@ -66,10 +68,13 @@ async def serve(args) -> int:
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
             await host.set_serving(True)
             log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s, prefix caching %s, "
-                     "torch threads here %d, prefill window %s); SERVING", time.perf_counter() - t0,
+                     "torch threads here %d, prefill window %s, admission: %d waiting, %d queued, %.0f MiB of tensors);"
+                     " SERVING", time.perf_counter() - t0,
                      preset.name if preset else "none", servicer.limits.max_model_len,
                      servicer.limits.max_image_tokens, "on" if servicer.prefix_caching else "off", _torch_threads(),
-                     f"{args.prefill_window_ms:g} ms" if args.prefill_window_ms else "off")
+                     f"{args.prefill_window_ms:g} ms" if args.prefill_window_ms else "off",
+                     servicer.budgets.waiting.capacity, servicer.budgets.waiting.max_queue,
+                     servicer.budgets.tensors.capacity / MiB)
             watch = asyncio.create_task(_watch_engine(engine, engine_dead))
             stats = asyncio.create_task(_log_stats(engine, args.log_stats_interval_s))
             await host.stop.wait()

@@ -23,6 +23,7 @@ from kimivl_contract.tokens import IMAGE_PAD
 
 from . import metrics
 from .admission import PrefillGrouper
+from .budgets import InferenceBudgets, tensor_bytes
 from .engine_input import build_engine_input
 from .generation import GenerationStats, end_marker_token_ids, generate
 from .pixels import PixelNormalizer
@@ -36,7 +37,11 @@ class EngineNotReady(Exception):
 
 
 class InferenceServicer:
-    def __init__(self, prefill_window_s: float = 0.0):
+    def __init__(self, prefill_window_s: float = 0.0, budget_options: dict | None = None):
+        """``budget_options``: :meth:`InferenceBudgets.from_options` keywords (the engine's
+        max_num_seqs is added once it has started)."""
+        self.budget_options = budget_options or {}
+        self.budgets: InferenceBudgets | None = None
         self.engine = None
         self.prefill_window_s = prefill_window_s
         self.grouper: PrefillGrouper | None = None
@@ -65,6 +70,8 @@ class InferenceServicer:
         sched = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
         self.grouper = PrefillGrouper(self.prefill_window_s,
                                       getattr(sched, "max_num_batched_tokens", None) or mc.max_model_len)
+        self.budgets = InferenceBudgets.from_options(max_num_seqs=getattr(sched, "max_num_seqs", None) or 256,
+                                                     **self.budget_options)
         self.engine = engine
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -73,14 +80,20 @@ class InferenceServicer:
         stats = GenerationStats()
         metrics.WAITING.inc()
         state = "waiting"
+        held = []  # admission permits, released at the first token (waiting) and at the end
         try:
             if self.engine is None:
                 raise EngineNotReady()
+            check_sampling(request.sampling, request.thinking)
+            # Admission before the tensors are read or copied (vLLM's input needs both).
+            itemsize = getattr(self.model_dtype, "itemsize", 2)
+            held.append(await self.budgets.tensors.acquire(tensor_bytes(request.prompt, itemsize)))
+            waiting = await self.budgets.waiting.acquire()
+            held.append(waiting)
             # Headers now, not with the first token: the front door's upload gate takes them as
-            # "received". Not before the UNAVAILABLE above: headers commit the call, and gRPC
+            # "received". Not before the UNAVAILABLEs above: headers commit the call, and gRPC
             # would no longer retry it on another replica.
             await context.send_initial_metadata(())
-            check_sampling(request.sampling, request.thinking)
             tensor_data: list[bytes] = []
             image_tokens = check_prepared_prompt(request.prompt, self.limits, tensor_data=tensor_data)
             n = len(request.prompt.token_ids)
@@ -102,6 +115,7 @@ class InferenceServicer:
                                           end_marker_ids=self.end_marker_ids, image_tokens=image_tokens, stats=stats,
                                           arrived_s=arrived):
                     if state == "waiting" and stats.first_token_s is not None:
+                        waiting.release()
                         metrics.WAITING.dec()
                         metrics.RUNNING.inc()
                         state = "running"
@@ -137,6 +151,8 @@ class InferenceServicer:
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, f"internal error: {type(e).__name__}")
         finally:
+            for permit in held:
+                permit.release()
             (metrics.WAITING if state == "waiting" else metrics.RUNNING).dec()
             if code is not None:
                 metrics.ERRORS.labels(code.name).inc()

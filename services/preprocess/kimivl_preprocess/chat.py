@@ -44,8 +44,9 @@ class ChatFlow:
         """Check the options and build the prompt (RequestError for bad input)."""
         arrived_s = time.perf_counter() if arrived_s is None else arrived_s
         check_sampling(request.sampling, request.thinking)
+        max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
         with metrics.PREPROCESS_SECONDS.time():
-            prepared = await self.pre.prepare(request, self.wire_dtype)
+            prepared = await self.pre.prepare(request, self.wire_dtype, max_tokens=max_tokens)
         metrics.IMAGES.inc(prepared.prompt.images)
         return ChatStart(prepared, request.request_id or uuid.uuid4().hex, arrived_s)
 
@@ -54,10 +55,12 @@ class ChatFlow:
         """The reply: raw delta messages (bytes), then the result as a ChatResponse with this tier's
         timings. grpc.aio.AioRpcError from the inference tier propagates; leaving early cancels
         the inference call (and so the engine request)."""
-        message = generate_request(start.prepared.prompt, sampling=request.sampling, thinking=request.thinking,
-                                   request_id=start.request_id)
+        message = [generate_request(start.prepared.prompt, sampling=request.sampling, thinking=request.thinking,
+                                    request_id=start.request_id)]
+        start.prepared.prompt.release()  # the tensors now live in the message only
         with metrics.UPLOAD_SECONDS.time():
-            call = await self.uploads.start(lambda: self.inference.generate(message, timeout_s))
+            # pop: the call holds the bytes while it may retry; a stream of minutes need not hold them too
+            call = await self.uploads.start(lambda: self.inference.generate(message.pop(), timeout_s))
         first = True
         try:
             async for raw in call:

@@ -49,7 +49,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from kimivl_contract import dtypes
-from kimivl_contract.processor import ProcessorConfig, normalized_values, target_size
+from kimivl_contract.processor import ProcessorConfig, grid_size, normalized_values, target_size
 
 from . import resize_bands
 from .cancel import CancelToken
@@ -274,6 +274,27 @@ def _patches(image: Image.Image, config: ProcessorConfig, dtype: str) -> Process
         np.take(table, idx[:n], out=out[r0 : r0 + n], mode="clip")
     pixel_values = out.view(wire).reshape(gh * gw, 3, p, p)
     return ProcessedImage(pixel_values, (gh, gw), "kimivl-img:" + hasher.hexdigest(), config.merge_kernel_size)
+
+
+# Bytes per pixel of Pillow's in-memory images by mode (the rest, e.g. RGB, RGBA, CMYK, I, F: 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def memory_estimate(image: Image.Image, config: ProcessorConfig, dtype: str) -> int:
+    """Bytes an :func:`open_image` image holds at the peak of :func:`process_decoded`: the decoded
+    source (twice if EXIF turns it), the image narrowed by the first resize pass, the resized RGB
+    image, two bands in flight and the patches."""
+    w, h = image.size
+    source = w * h * _MODE_BYTES.get(image.mode, 4)
+    with suppress(Exception):
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNING_ORIENTATIONS:
+            source *= 2
+    tw, th = target_size(w, h, config)
+    gh, gw = grid_size(w, h, config)
+    p = config.patch_size
+    narrowed = max(tw * h, w * th) * 4 if (tw, th) != (w, h) else 0
+    bands = 2 * resize_bands.BAND_PIXELS * 4 * 2
+    return source + narrowed + tw * th * 4 + bands + gh * gw * 3 * p * p * numpy_dtype(dtype).itemsize
 
 
 def numpy_dtype(dtype: str) -> np.dtype:

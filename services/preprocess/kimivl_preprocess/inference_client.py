@@ -9,10 +9,14 @@ bytes, relayed untouched (only the final result is parsed).
 from __future__ import annotations
 
 import json
+import logging
 
 import grpc
 
 from kimivl.v1 import inference_pb2
+from kimivl_contract import errors
+
+log = logging.getLogger("kimivl.preprocess")
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 SERVICE_CONFIG = {
@@ -55,3 +59,19 @@ class InferenceClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+def client_status(error: grpc.aio.AioRpcError, target: str) -> tuple[grpc.StatusCode, str, tuple]:
+    """How a failed inference call is answered to the front door's client: (code, message,
+    trailing metadata). UNAVAILABLE never names internal addresses (gRPC's own details list
+    them; they are logged instead) and passes on the inference tier's retry hint."""
+    code = error.code()
+    details = error.details() or ""
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return code, errors.client_message(details), ()
+    hint = errors.retry_after_s(error.trailing_metadata())
+    if hint is not None:  # the tier shed the request (at capacity): retry after its hint
+        shed = errors.Overloaded("inference tier unavailable: every replica tried is at capacity", retry_after_s=hint)
+        return code, str(shed), shed.trailing_metadata(retry_pushback=True)
+    log.warning("inference tier %s unavailable: %s", target, errors.client_message(details, 300))
+    return code, "inference tier unavailable; retry later", ()

@@ -18,6 +18,7 @@ from kimivl_contract.errors import RequestError
 from . import metrics
 from .chat import ChatFlow
 from .codec import preprocess_response
+from .inference_client import client_status
 from .pipeline import Preprocessor
 
 log = logging.getLogger("kimivl.preprocess")
@@ -44,13 +45,10 @@ class ChatServicer:
                 yield msg
         except RequestError as e:
             code = e.code
-            await errors.abort(context, e)
+            await errors.abort(context, e, retry_pushback=True)
         except grpc.aio.AioRpcError as e:
-            code = e.code()
-            details = e.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE:
-                details = f"inference tier unavailable at {self.flow.inference.target}: {details}"
-            await context.abort(code, details)
+            code, details, trailers = client_status(e, self.flow.inference.target)
+            await context.abort(code, details, trailing_metadata=trailers)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -79,7 +77,7 @@ class PreprocessServicer:
                                        preprocess_ms=prepared.preprocess_ms)
         except RequestError as e:
             code = e.code
-            await errors.abort(context, e)
+            await errors.abort(context, e, retry_pushback=True)
         except Exception as e:  # a bug, not bad input: log it, answer a clean status
             log.exception("Preprocess failed")
             code = grpc.StatusCode.INTERNAL
