@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -83,8 +84,6 @@ async def serve(args: argparse.Namespace) -> None:
     busy = await _busy_threads(grace_s=1.0)
     if busy:
         log.warning("exiting with %d worker threads still busy (%s)", len(busy), ", ".join(busy))
-        logging.shutdown()
-        os._exit(0)
 
 
 async def _busy_threads(grace_s: float) -> list[str]:
@@ -108,4 +107,9 @@ def main(args: argparse.Namespace) -> int:
     # The tier's own limit (--max-image-pixels) applies; Pillow's warning below it is noise.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     asyncio.run(serve(args))
-    return 0
+    # Exit now: a busy worker thread would hold a normal exit until it ends, and tearing down the
+    # interpreter (the tokenizers' vocabularies, among others) takes seconds the drain did not budget.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
