@@ -1,8 +1,8 @@
 """Request errors and the gRPC status each one answers with.
 
 Every check in both tiers raises :class:`RequestError` (or a subclass) with a message that
-names the field and the limit; a server turns it into a status with :func:`status_code` and
-:func:`abort`, in one place, so the mapping is never written twice.
+names the field and the limit; a server turns it into a status with :func:`answer` (or
+:func:`abort`), in one place, so the mapping is never written twice.
 
 Every message a client is shown goes through :func:`client_message` here: control characters
 escaped and at most ~1 KB, so text from elsewhere (a remote server's answer, a decoder's
@@ -38,7 +38,7 @@ class RequestError(ValueError):
         if resource_exhausted:
             self.code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def trailing_metadata(self, retry_pushback: bool = False) -> tuple[tuple[str, str], ...]:
+    def trailing_metadata(self, pushback: str | None = None) -> tuple[tuple[str, str], ...]:
         return ()
 
 
@@ -52,7 +52,10 @@ class Overloaded(RequestError):
     """Load shed before any work was done; safe to retry elsewhere or later (UNAVAILABLE).
 
     The message ends with the hint ("retry after 0.5 s"); the trailing metadata carries it as
-    ``retry-after-ms``, and, where asked, as ``grpc-retry-pushback-ms`` for clients' retry policies.
+    ``retry-after-ms``, and, where asked, ``grpc-retry-pushback-ms`` for clients' retry policies:
+    ``pushback="hint"`` (retry after the hint: the client-facing tier) or ``"now"`` (0 ms: between
+    the tiers, where the front door's retry goes to the next replica at once, and an answer that
+    every replica is at capacity comes back in milliseconds).
     """
 
     code = grpc.StatusCode.UNAVAILABLE
@@ -66,9 +69,11 @@ class Overloaded(RequestError):
     def retry_after_ms(self) -> int:
         return max(1, round(self.retry_after_s * 1e3))
 
-    def trailing_metadata(self, retry_pushback: bool = False) -> tuple[tuple[str, str], ...]:
+    def trailing_metadata(self, pushback: str | None = None) -> tuple[tuple[str, str], ...]:
         md = ((RETRY_AFTER_KEY, str(self.retry_after_ms)),)
-        return (*md, (RETRY_PUSHBACK_KEY, str(self.retry_after_ms))) if retry_pushback else md
+        if pushback is None:
+            return md
+        return (*md, (RETRY_PUSHBACK_KEY, str(self.retry_after_ms if pushback == "hint" else 0)))
 
 
 def retry_after_s(metadata) -> float | None:
@@ -106,11 +111,28 @@ def status_code(error: RequestError) -> grpc.StatusCode:
     return error.code
 
 
-async def abort(context: grpc.aio.ServicerContext, error: RequestError, *, retry_pushback: bool = False):
-    """Answer ``error`` as the RPC's status (raises, as ``context.abort`` does).
+def answer(context: grpc.aio.ServicerContext, error: RequestError, *, pushback: str | None = None) -> None:
+    """Set the RPC's status to ``error``; the handler then returns (or ends its stream).
+    ``pushback``: see :class:`Overloaded`.
 
-    ``retry_pushback``: also send a load-shedding hint as ``grpc-retry-pushback-ms`` (the
-    client-facing tier does; between the tiers the front door retries on another replica at once).
+    Prefer this to :func:`abort` in handlers: grpc.aio keeps an abort's exception in the call's
+    state, and the exception's frames hold the call (and the request: a 60 MB text, a message of
+    images) in a reference cycle that only the garbage collector frees, which an idle server
+    does not run.
     """
-    await context.abort(error.code, client_message(str(error)),
-                        trailing_metadata=error.trailing_metadata(retry_pushback))
+    set_status(context, error.code, str(error), error.trailing_metadata(pushback))
+
+
+def set_status(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str,
+               trailing_metadata: tuple = ()) -> None:
+    """The RPC's status, its message through :func:`client_message`; the handler then returns."""
+    context.set_code(code)
+    context.set_details(client_message(details))
+    if trailing_metadata:
+        context.set_trailing_metadata(trailing_metadata)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: RequestError, *, pushback: str | None = None):
+    """Answer ``error`` as the RPC's status and raise, as ``context.abort`` does (see :func:`answer`)."""
+    error.__traceback__ = None  # at least ``error``'s own frames are not kept alive by the abort
+    await context.abort(error.code, client_message(str(error)), trailing_metadata=error.trailing_metadata(pushback))

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from .malformed import refuse_malformed
+from .memory import trim_after_large
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -119,8 +120,9 @@ class GrpcHost:
 
     def add_handlers(self, service: str, handlers: dict) -> None:
         """``handlers`` (method name -> RpcMethodHandler) of ``service``; request bytes that do not
-        parse are answered INVALID_ARGUMENT before they reach them (:mod:`.malformed`)."""
-        handlers = {name: refuse_malformed(h) for name, h in handlers.items()}
+        parse are answered INVALID_ARGUMENT before they reach them (:mod:`.malformed`), and the
+        memory of large requests is given back to the OS after them (:mod:`.memory`)."""
+        handlers = {name: trim_after_large(refuse_malformed(h)) for name, h in handlers.items()}
         self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, handlers)])
 
     def bind(self, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:

@@ -130,12 +130,12 @@ class InferenceServicer:
             times = stats.token_times
             for a, b in zip(times, times[1:], strict=False):
                 metrics.ITL.observe(b - a)
-        except RequestError as e:
+        except RequestError as e:  # answered without context.abort: see errors.answer
             code = e.code
-            await errors.abort(context, e)
+            errors.answer(context, e, pushback="now")  # shed: the front door tries the next replica at once
         except EngineNotReady:
             code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, "the engine is still starting; retry when health reports SERVING")
+            errors.set_status(context, code, "the engine is still starting; retry when health reports SERVING")
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED  # the consumer left: vLLM aborts the request on cancel
             raise
@@ -146,10 +146,11 @@ class InferenceServicer:
                 code = grpc.StatusCode.UNAVAILABLE
                 if self.on_engine_dead:
                     self.on_engine_dead()
-                await context.abort(code, "the inference engine died; this replica is restarting")
-            log.exception("request %s failed", request.request_id)
-            code = grpc.StatusCode.INTERNAL
-            await context.abort(code, f"internal error: {type(e).__name__}")
+                errors.set_status(context, code, "the inference engine died; this replica is restarting")
+            else:
+                log.exception("request %s failed", request.request_id)
+                code = grpc.StatusCode.INTERNAL
+                errors.set_status(context, code, f"internal error: {type(e).__name__}")
         finally:
             for permit in held:
                 permit.release()

@@ -72,6 +72,6 @@ def client_status(error: grpc.aio.AioRpcError, target: str) -> tuple[grpc.Status
     hint = errors.retry_after_s(error.trailing_metadata())
     if hint is not None:  # the tier shed the request (at capacity): retry after its hint
         shed = errors.Overloaded("inference tier unavailable: every replica tried is at capacity", retry_after_s=hint)
-        return code, str(shed), shed.trailing_metadata(retry_pushback=True)
+        return code, str(shed), shed.trailing_metadata(pushback="hint")
     log.warning("inference tier %s unavailable: %s", target, errors.client_message(details, 300))
     return code, "inference tier unavailable; retry later", ()

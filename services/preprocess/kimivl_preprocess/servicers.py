@@ -32,6 +32,9 @@ def serialize(msg) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
+# Errors are answered with errors.answer / set_status, not context.abort: see errors.answer.
+
+
 class ChatServicer:
     def __init__(self, flow: ChatFlow):
         self.flow = flow
@@ -45,17 +48,17 @@ class ChatServicer:
                 yield msg
         except RequestError as e:
             code = e.code
-            await errors.abort(context, e, retry_pushback=True)
+            errors.answer(context, e, pushback="hint")
         except grpc.aio.AioRpcError as e:
             code, details, trailers = client_status(e, self.flow.inference.target)
-            await context.abort(code, details, trailing_metadata=trailers)
+            errors.set_status(context, code, details, trailers)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:  # a bug, not bad input: log it, answer a clean status
             log.exception("Chat %s failed", request.request_id)
             code = grpc.StatusCode.INTERNAL
-            await context.abort(code, f"internal error: {type(e).__name__}")
+            errors.set_status(context, code, f"internal error: {type(e).__name__}")
         finally:
             metrics.REQUESTS.labels("Chat", code.name).inc()
 
@@ -77,11 +80,11 @@ class PreprocessServicer:
                                        preprocess_ms=prepared.preprocess_ms)
         except RequestError as e:
             code = e.code
-            await errors.abort(context, e, retry_pushback=True)
+            errors.answer(context, e, pushback="hint")
         except Exception as e:  # a bug, not bad input: log it, answer a clean status
             log.exception("Preprocess failed")
             code = grpc.StatusCode.INTERNAL
-            await context.abort(code, f"internal error: {type(e).__name__}")
+            errors.set_status(context, code, f"internal error: {type(e).__name__}")
         finally:
             metrics.REQUESTS.labels("Preprocess", code.name).inc()
 

@@ -1,0 +1,393 @@
+"""Bounded cost per request, measured on real tiers (issue 14, section 2): prints a markdown report.
+
+Scenarios (``--only`` picks some; each starts the tiers it needs, tiny model, CPU):
+
+* ``text``: a 20 MB text message: time to the refusal and the front door's peak RSS growth.
+* ``abandoned``: a 60 MB text whose client leaves after 1 s: the front door's RSS over the next
+  5 s; then the same with the text limit raised so that the text is really tokenized, and the
+  CPU the front door spends after the client left.
+* ``bombs``: 50 concurrent 20 KB PNGs declaring 13000x13000 (1-bit, under Pillow's pixel limit)
+  against a front door with ``--max-decode-mb``: peak RSS growth against the budget, outcomes.
+* ``overload``: both tiers; chats with a photo at 4x the measured capacity (Poisson arrivals):
+  how fast shed requests are answered, and the TTFT of admitted ones, beside idle TTFT.
+
+usage: python bench/hardening.py [--only text,abandoned,bombs,overload] [--out FILE.md]
+Run it on an otherwise idle machine; every figure is a measurement of this run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from kimivl.v1 import chat_pb2, preprocess_pb2, types_pb2  # noqa: E402
+from kimivl_devtools.launch import TierProcess  # noqa: E402
+
+MODEL = ROOT / "models" / "kimi-vl-tiny"
+LOGS = ROOT / ".bench-logs"
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false",
+       "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
+MiB = 1 << 20
+OPTS = [("grpc.max_send_message_length", 256 * MiB), ("grpc.max_receive_message_length", 256 * MiB),
+        ("grpc.enable_retries", 0)]  # every answer as the server gave it: no client retries
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def front_door(extra: list[str], inference: str | None = None) -> TierProcess:
+    LOGS.mkdir(exist_ok=True)
+    port = free_port()
+    tier = TierProcess("preprocess", ["--model", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
+                                      "--metrics-port", "0", "--inference-target",
+                                      inference or f"127.0.0.1:{free_port()}", *extra],
+                       port, env=ENV, log=LOGS / f"preprocess-{port}.log")
+    tier.wait_serving(300)
+    return tier
+
+
+def inference_tier(extra: list[str]) -> TierProcess:
+    LOGS.mkdir(exist_ok=True)
+    port = free_port()
+    tier = TierProcess("inference", ["--model", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
+                                     "--metrics-port", "0", "--device", "cpu", "--enforce-eager", "--max-model-len",
+                                     "8192", "--max-num-batched-tokens", "8192", "--limit-mm-per-prompt", "8",
+                                     "--no-prefix-caching", *extra], port, env=ENV, log=LOGS / f"inference-{port}.log")
+    tier.wait_serving(600)
+    return tier
+
+
+class Sampler:
+    """RSS and CPU of a process every ``period_s``, in a thread."""
+
+    def __init__(self, pid: int, period_s: float = 0.005):
+        self.proc = psutil.Process(pid)
+        self.period_s = period_s
+        self.samples: list[tuple[float, int, float]] = []  # (t, rss, cpu_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                t = self.proc.cpu_times()
+                self.samples.append((time.perf_counter(), self.proc.memory_info().rss, t.user + t.system))
+            except psutil.Error:
+                return
+            time.sleep(self.period_s)
+
+    def peak_rss(self, since: float = 0.0) -> int:
+        return max(r for t, r, _ in self.samples if t >= since)
+
+    def rss_at(self, t: float) -> int:
+        return min(self.samples, key=lambda s: abs(s[0] - t))[1]
+
+    def cpu_between(self, a: float, b: float) -> float:
+        xs = [c for t, _, c in self.samples if a <= t <= b]
+        return xs[-1] - xs[0] if len(xs) > 1 else 0.0
+
+
+def rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+def settle_rss(pid: int, seconds: float = 2.0) -> int:
+    time.sleep(seconds)
+    return rss(pid)
+
+
+def conv(*parts) -> types_pb2.Conversation:
+    content = [types_pb2.ContentPart(text=p) if isinstance(p, str) else types_pb2.ContentPart(image=p) for p in parts]
+    return types_pb2.Conversation(messages=[types_pb2.Message(role=types_pb2.ROLE_USER, content=content)])
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def fmt_ms(xs: list[float]) -> str:
+    return (f"p50 {pct(xs, 50) * 1e3:.0f} ms, p99 {pct(xs, 99) * 1e3:.0f} ms, max {max(xs) * 1e3:.0f} ms (n={len(xs)})"
+            if xs else "none")
+
+
+# --- scenarios ----------------------------------------------------------------------------------
+
+
+def scenario_text(out: list[str]) -> None:
+    door = front_door([])
+    try:
+        text = "lorem ipsum dolor " * 1_165_000  # 20.97 MB
+        rows = []
+        with grpc.insecure_channel(door.target, options=OPTS) as ch:
+            call = ch.unary_unary("/kimivl.v1.PreprocessService/Preprocess",
+                                  request_serializer=preprocess_pb2.PreprocessRequest.SerializeToString,
+                                  response_deserializer=preprocess_pb2.PreprocessResponse.FromString)
+            call(preprocess_pb2.PreprocessRequest(conversation=conv("warm up")), timeout=60)
+            for _ in range(3):
+                base = settle_rss(door.proc.pid, 1.0)
+                with Sampler(door.proc.pid) as s:
+                    t0 = time.perf_counter()
+                    try:
+                        call(preprocess_pb2.PreprocessRequest(conversation=conv(text)), timeout=120)
+                        code, details = "OK", ""
+                    except grpc.RpcError as e:
+                        code, details = e.code().name, e.details()
+                    elapsed = time.perf_counter() - t0
+                    time.sleep(0.5)
+                rows.append((elapsed, (s.peak_rss(t0) - base) / MiB, code, details))
+        out += ["## A 20 MB text message", "",
+                "One front door, defaults (text limit 65536 characters: 8 per token of the tiny model's "
+                "8192-token context). Three requests of 20.97 MB each, one at a time.", "",
+                "| run | answer | time to the answer | peak RSS growth |", "|---|---|---|---|"]
+        for i, (elapsed, growth, code, _details) in enumerate(rows):
+            out.append(f"| {i + 1} | {code} | {elapsed * 1e3:.0f} ms | {growth:.0f} MiB |")
+        out += ["", f"Message: `{rows[0][3]}`", ""]
+    finally:
+        door.stop()
+
+
+def scenario_abandoned(out: list[str]) -> None:
+    text = ("The quick brown fox jumps over the lazy dog.\n" * 1_400_000)[:60_000_000]  # 60 MB, many lines
+    out += ["## An abandoned 60 MB text", ""]
+    for label, extra in (("defaults (refused by the text limit)", []),
+                         ("text limit raised to 100M characters (tokenized, then abandoned)",
+                          ["--max-text-chars", "100000000"])):
+        door = front_door(extra)
+        try:
+            with grpc.insecure_channel(door.target, options=OPTS) as ch:
+                call = ch.unary_unary("/kimivl.v1.PreprocessService/Preprocess",
+                                      request_serializer=preprocess_pb2.PreprocessRequest.SerializeToString,
+                                      response_deserializer=preprocess_pb2.PreprocessResponse.FromString)
+                call(preprocess_pb2.PreprocessRequest(conversation=conv("warm up")), timeout=60)
+                base = settle_rss(door.proc.pid, 2.0)
+                with Sampler(door.proc.pid, 0.01) as s:
+                    t0 = time.perf_counter()
+                    try:
+                        call(preprocess_pb2.PreprocessRequest(conversation=conv(text)), timeout=1.0)
+                        code = "OK"
+                    except grpc.RpcError as e:
+                        code = e.code().name
+                    left = time.perf_counter()
+                    time.sleep(6.0)
+                peak = (s.peak_rss(t0) - base) / MiB
+                at = {k: (s.rss_at(left + k) - base) / MiB for k in (1, 2, 5)}
+                back = next((t - left for t, r, _ in s.samples if t > left and r - base < 50 * MiB), None)
+                back_text = f"{back:.2f} s" if back is not None else "more than 6 s"
+                cpu_after = s.cpu_between(left + 1.0, left + 5.0)
+                out += [f"**{label}**: answer {code} after {(left - t0) * 1e3:.0f} ms; peak RSS growth {peak:.0f} MiB; "
+                        f"growth 1 s / 2 s / 5 s after the client left: {at[1]:.0f} / {at[2]:.0f} / {at[5]:.0f} MiB; "
+                        f"back within 50 MiB of the baseline after "
+                        f"{back_text}; front-door CPU from 1 s to 5 s "
+                        f"after: {cpu_after:.2f} s.", ""]
+        finally:
+            door.stop()
+
+
+def bomb_png(side: int = 13000) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def scenario_bombs(out: list[str], budget_mb: int = 1024, n: int = 50) -> None:
+    data = bomb_png()
+    door = front_door(["--max-decode-mb", str(budget_mb)])
+    try:
+        base = settle_rss(door.proc.pid, 1.0)
+
+        async def run():
+            async with grpc.aio.insecure_channel(door.target, options=OPTS) as ch:
+                call = ch.unary_unary("/kimivl.v1.PreprocessService/Preprocess",
+                                      request_serializer=preprocess_pb2.PreprocessRequest.SerializeToString,
+                                      response_deserializer=preprocess_pb2.PreprocessResponse.FromString)
+                req = preprocess_pb2.PreprocessRequest(conversation=conv("what is this?", types_pb2.Image(data=data)))
+
+                async def one():
+                    t0 = time.perf_counter()
+                    try:
+                        await call(req, timeout=600)
+                        return "OK", time.perf_counter() - t0, ""
+                    except grpc.aio.AioRpcError as e:
+                        return e.code().name, time.perf_counter() - t0, e.details()
+
+                return await asyncio.gather(*(one() for _ in range(n)))
+
+        with Sampler(door.proc.pid, 0.02) as s:
+            t0 = time.perf_counter()
+            results = asyncio.run(run())
+            wall = time.perf_counter() - t0
+        peak = (s.peak_rss(t0) - base) / MiB
+        kinds: dict[str, list[float]] = {}
+        for code, t, details in results:
+            key = code if code != "UNAVAILABLE" else ("UNAVAILABLE (queue full)" if "queue is full" in details
+                                                       else "UNAVAILABLE (waited too long)")
+            kinds.setdefault(key, []).append(t)
+        out += ["## 50 concurrent 13000x13000 1-bit PNGs", "",
+                f"{len(data)} bytes each (169 M pixels, under the 178 956 970 limit). Front door with "
+                f"`--max-decode-mb {budget_mb}` and the default admission for this machine "
+                f"({psutil.cpu_count()} CPUs: 4 per CPU preparing, 16 per CPU queued, 10 s queue wait); all 50 sent "
+                "at once through PreprocessService (the same pipeline as Chat).", "",
+                f"Peak RSS growth {peak:.0f} MiB against a budget of {budget_mb} MiB (baseline {base / MiB:.0f} MiB); "
+                f"all answered in {wall:.1f} s.", "",
+                "| outcome | requests | time to the answer |", "|---|---|---|"]
+        for k, ts in sorted(kinds.items()):
+            out.append(f"| {k} | {len(ts)} | {fmt_ms(ts)} |")
+        out.append("")
+    finally:
+        door.stop()
+
+
+def photo_jpeg(seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(skdata.astronaut()).rotate(float(rng.uniform(-5, 5)))
+    buf = io.BytesIO()
+    img.resize((640, 480)).save(buf, "JPEG", quality=int(rng.integers(85, 95)))
+    return buf.getvalue()
+
+
+async def _chat(stub_call, req) -> tuple[str, float, float | None, str]:
+    t0 = time.perf_counter()
+    first = None
+    try:
+        async for _msg in stub_call(req, timeout=120):
+            if first is None:
+                first = time.perf_counter() - t0
+        return "OK", time.perf_counter() - t0, first, ""
+    except grpc.aio.AioRpcError as e:
+        return e.code().name, time.perf_counter() - t0, first, e.details()
+
+
+def scenario_overload(out: list[str], factor: float = 4.0, seconds: float = 30.0) -> None:
+    inf_extra = ["--max-waiting", "2", "--max-queued", "2", "--max-queue-wait-s", "2"]
+    door_extra = ["--max-queue-wait-s", "2"]
+    inf = inference_tier(inf_extra)
+    door = None
+    try:
+        door = front_door(door_extra, inference=inf.target)
+        images = [photo_jpeg(i) for i in range(16)]
+
+        def request(i):
+            return chat_pb2.ChatRequest(conversation=conv("Describe the picture.", types_pb2.Image(data=images[i % 16])),
+                                        sampling=types_pb2.SamplingParameters(temperature=0.0, max_tokens=8,
+                                                                              ignore_eos=True))
+
+        async def run():
+            async with grpc.aio.insecure_channel(door.target, options=OPTS) as ch:
+                call = ch.unary_stream("/kimivl.v1.ChatService/Chat",
+                                       request_serializer=chat_pb2.ChatRequest.SerializeToString,
+                                       response_deserializer=chat_pb2.ChatResponse.FromString)
+                for i in range(3):
+                    await _chat(call, request(i))  # warm up
+                idle = [await _chat(call, request(i)) for i in range(8)]
+                # Capacity: a closed loop of 4 clients for 15 s.
+                done = 0
+                stop_at = time.perf_counter() + 15
+
+                async def worker(k):
+                    nonlocal done
+                    j = k
+                    while time.perf_counter() < stop_at:
+                        r = await _chat(call, request(j))
+                        done += r[0] == "OK"
+                        j += 4
+
+                t0 = time.perf_counter()
+                await asyncio.gather(*(worker(k) for k in range(4)))
+                capacity = done / (time.perf_counter() - t0)
+                rate = factor * capacity
+                rng = random.Random(0)
+                tasks = []
+                t_end = time.perf_counter() + seconds
+                i = 0
+                while time.perf_counter() < t_end:
+                    tasks.append(asyncio.create_task(_chat(call, request(i))))
+                    i += 1
+                    await asyncio.sleep(rng.expovariate(rate))
+                results = await asyncio.gather(*tasks)
+                return idle, capacity, rate, results
+
+        idle, capacity, rate, results = asyncio.run(run())
+        served = [r for r in results if r[0] == "OK"]
+        shed = [r for r in results if r[0] == "UNAVAILABLE"]
+        other = [r for r in results if r[0] not in ("OK", "UNAVAILABLE")]
+        shed_front = [r for r in shed if r[3].startswith("the front door")]
+        shed_inf = [r for r in shed if r[3].startswith("inference tier unavailable")]
+        out += ["## 4x overload", "",
+                "Both tiers (tiny model, CPU engine). Chats with a 640x480 photo, 8 tokens out, greedy; the "
+                f"inference tier with `{' '.join(inf_extra)}`, the front door with `{' '.join(door_extra)}` and its "
+                f"default budgets. Capacity measured first (4 clients in a closed loop, 15 s): {capacity:.2f} req/s; "
+                f"then Poisson arrivals at {rate:.2f} req/s ({factor:g}x) for {seconds:g} s, {len(results)} requests, "
+                "no client retries.", "",
+                "| | requests | latency |", "|---|---|---|",
+                f"| idle, one at a time: TTFT | {len(idle)} | {fmt_ms([r[2] for r in idle if r[2] is not None])} |",
+                f"| admitted under overload: TTFT | {len(served)} | {fmt_ms([r[2] for r in served if r[2] is not None])} |",
+                f"| shed by the front door: time to the answer | {len(shed_front)} | {fmt_ms([r[1] for r in shed_front])} |",
+                f"| shed by the inference tier (relayed): time to the answer | {len(shed_inf)} | "
+                f"{fmt_ms([r[1] for r in shed_inf])} |",
+                f"| other errors | {len(other)} | {', '.join(sorted({r[0] for r in other})) or '-'} |",
+                "", f"Served {len(served) / seconds:.2f} req/s during the overload.", ""]
+        if shed:
+            out += [f"A shed answer: `{shed[0][3]}`", ""]
+    finally:
+        if door:
+            door.stop()
+        inf.stop()
+
+
+SCENARIOS = {"text": scenario_text, "abandoned": scenario_abandoned, "bombs": scenario_bombs,
+             "overload": scenario_overload}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
+    p.add_argument("--out", help="also write the report here")
+    args = p.parse_args()
+    out = [f"<!-- bench/hardening.py --only {args.only}; {time.strftime('%Y-%m-%d %H:%M')}, "
+           f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, load average "
+           f"{os.getloadavg()[0]:.1f} at the start -->", ""]
+    for name in args.only.split(","):
+        SCENARIOS[name](out)
+        print("\n".join(out), flush=True)
+    text = "\n".join(out)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
