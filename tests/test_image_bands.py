@@ -88,7 +88,10 @@ def test_the_header_tells_the_size_without_decoding():
     t0 = time.perf_counter()
     image = open_image(data)
     assert image.size == (13000, 13000) and image.mode == "1"
-    assert time.perf_counter() - t0 < 0.5  # nothing decoded (a full decode takes seconds here)
+    estimate = image_mod.memory_estimate(image, ProcessorConfig(), "uint8")
+    assert 169_000_000 < estimate < 1_000_000_000
+    assert image._im is None  # nothing decoded: not by the header, not by the estimate (a PNG's getexif would)
+    assert time.perf_counter() - t0 < 0.5
 
 
 @pytest.mark.parametrize("stage", ["decode", "resize"])

@@ -5,7 +5,9 @@ buffers, hundreds of allocations below glibc's mmap threshold; once freed, glibc
 pages in its arenas, so the process's RSS stays at its peak although Python holds nothing: an
 orchestrator sees a pod that never shrinks, and memory limits bite the next burst. After an RPC
 whose request was larger than ``LARGE_REQUEST_BYTES``, ``malloc_trim(0)`` returns the free pages
-(off the event loop, at most once a second). Not glibc (musl, macOS): nothing to do.
+(off the event loop, at most once a second); the image workers do the same after a large image
+(:func:`trim_now`), whose bands and intermediates are below the mmap threshold. Not glibc
+(musl, macOS): nothing to do.
 """
 from __future__ import annotations
 
@@ -64,6 +66,12 @@ class Trimmer:
 
 
 TRIMMER = Trimmer()
+
+
+def trim_now() -> None:
+    """``malloc_trim(0)`` in this thread (a worker thread that has just freed a large image)."""
+    if TRIMMER._trim is not None:
+        TRIMMER._trim(0)
 
 
 def trim_after_large(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

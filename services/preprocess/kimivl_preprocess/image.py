@@ -286,15 +286,26 @@ def memory_estimate(image: Image.Image, config: ProcessorConfig, dtype: str) -> 
     image, two bands in flight and the patches."""
     w, h = image.size
     source = w * h * _MODE_BYTES.get(image.mode, 4)
-    with suppress(Exception):
-        if image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNING_ORIENTATIONS:
-            source *= 2
+    if _may_turn(image):
+        source *= 2
     tw, th = target_size(w, h, config)
     gh, gw = grid_size(w, h, config)
     p = config.patch_size
     narrowed = max(tw * h, w * th) * 4 if (tw, th) != (w, h) else 0
     bands = 2 * resize_bands.BAND_PIXELS * 4 * 2
     return source + narrowed + tw * th * 4 + bands + gh * gw * 3 * p * p * numpy_dtype(dtype).itemsize
+
+
+def _may_turn(image: Image.Image) -> bool:
+    """Whether EXIF may turn the image (exif_transpose makes a copy), without decoding it: a PNG's
+    eXIf chunk may follow its pixels (Pillow's PNG getexif decodes the whole image to find it), so
+    a PNG with no EXIF seen in its header counts as one that may turn."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return True
+    try:
+        return image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNING_ORIENTATIONS
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the decoder ignores it too
+        return False
 
 
 def numpy_dtype(dtype: str) -> np.dtype:

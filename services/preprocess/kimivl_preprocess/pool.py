@@ -16,6 +16,8 @@ from functools import partial
 
 from PIL import Image
 
+from kimivl_hosting import memory
+
 from .cancel import CancelToken
 from .image import (
     DEFAULT_MAX_PIXELS,
@@ -66,5 +68,14 @@ class ImagePool:
         self._executor.shutdown(wait=wait, cancel_futures=True)
 
 
+LARGE_IMAGE_PIXELS = 16_000_000
+
+
 def _process_opened(image: Image.Image, config: ProcessorConfig, dtype: str, cancel: CancelToken | None):
-    return process_decoded(decode(image, cancel), config, dtype, cancel)
+    large = image.width * image.height > LARGE_IMAGE_PIXELS
+    try:
+        return process_decoded(decode(image, cancel), config, dtype, cancel)
+    finally:
+        if large:  # its freed bands and intermediates would stay in this thread's malloc arena
+            del image
+            memory.trim_now()
