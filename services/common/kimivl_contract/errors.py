@@ -19,6 +19,7 @@ MAX_MESSAGE_CHARS = 1024
 # ``grpc-retry-pushback-ms`` is the name gRPC clients' retry policies read (gRFC A6).
 RETRY_AFTER_KEY = "retry-after-ms"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+PUSHBACK_NOW_MS = 1  # "retry at once" (see Overloaded: 0 makes grpcio's retry hang)
 
 
 class RequestError(ValueError):
@@ -53,9 +54,10 @@ class Overloaded(RequestError):
 
     The message ends with the hint ("retry after 0.5 s"); the trailing metadata carries it as
     ``retry-after-ms``, and, where asked, ``grpc-retry-pushback-ms`` for clients' retry policies:
-    ``pushback="hint"`` (retry after the hint: the client-facing tier) or ``"now"`` (0 ms: between
+    ``pushback="hint"`` (retry after the hint: the client-facing tier) or ``"now"`` (1 ms: between
     the tiers, where the front door's retry goes to the next replica at once, and an answer that
-    every replica is at capacity comes back in milliseconds).
+    every replica is at capacity comes back in milliseconds). Not 0: grpcio 1.85's retry given a
+    pushback of 0 never makes its next attempt, and the call hangs until its deadline.
     """
 
     code = grpc.StatusCode.UNAVAILABLE
@@ -73,7 +75,7 @@ class Overloaded(RequestError):
         md = ((RETRY_AFTER_KEY, str(self.retry_after_ms)),)
         if pushback is None:
             return md
-        return (*md, (RETRY_PUSHBACK_KEY, str(self.retry_after_ms if pushback == "hint" else 0)))
+        return (*md, (RETRY_PUSHBACK_KEY, str(self.retry_after_ms if pushback == "hint" else PUSHBACK_NOW_MS)))
 
 
 def retry_after_s(metadata) -> float | None:

@@ -1,0 +1,143 @@
+"""Admission budgets (kimivl_hosting.budget) on a real event loop, and a shed answer crossing real
+gRPC: the inference tier's pushback makes the front door's retry policy try again at once and give
+up in milliseconds, and the front door passes the hint on."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from kimivl_contract import errors
+from kimivl_contract.errors import Overloaded
+from kimivl_hosting.budget import SHED, Budget
+from kimivl_preprocess.inference_client import INFERENCE_SERVICE, InferenceClient, client_status
+
+
+def _budget(capacity=2, queue=2, wait=0.5, name="test"):
+    return Budget(name, capacity, max_queue=queue, max_wait_s=wait, describe="the test tier", unit="slots")
+
+
+async def test_admits_up_to_capacity_then_queues_in_order_then_sheds():
+    b = _budget()
+    p1, p2 = await b.acquire(), await b.acquire()
+    order = []
+
+    async def waiter(tag):
+        permit = await b.acquire()
+        order.append(tag)
+        return permit
+
+    w1 = asyncio.create_task(waiter("first"))
+    await asyncio.sleep(0)
+    w2 = asyncio.create_task(waiter("second"))
+    await asyncio.sleep(0)
+    assert b.queued == 2
+    shed_before = SHED.labels("test", "queue_full")._value.get()
+    t0 = time.perf_counter()
+    with pytest.raises(Overloaded) as e:
+        await b.acquire()
+    assert time.perf_counter() - t0 < 0.05  # at once: no waiting
+    assert "the test tier is at capacity (2 of 2 slots, 2 waiting) and its queue is full (2)" in str(e.value)
+    assert SHED.labels("test", "queue_full")._value.get() == shed_before + 1
+    p2.release()
+    p1.release()
+    (await w1).release()
+    (await w2).release()
+    assert order == ["first", "second"] and b.used == 0 and b.queued == 0
+
+
+async def test_a_waiter_that_waits_too_long_is_shed_with_a_hint():
+    b = _budget(capacity=1, wait=0.2)
+    held = await b.acquire()
+    with pytest.raises(Overloaded) as e:
+        await b.acquire()
+    assert "waited 0.2 s (the limit is 0.2 s)" in str(e.value)
+    assert 0.05 <= e.value.retry_after_s <= 30
+    assert dict(e.value.trailing_metadata("hint"))["grpc-retry-pushback-ms"] == str(e.value.retry_after_ms)
+    assert b.queued == 0
+    held.release()
+    assert b.used == 0
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_lets_the_next_in():
+    b = _budget(capacity=3)
+    held = await b.acquire(3)
+    big = asyncio.create_task(b.acquire(3))  # at the head, blocking the small one behind it
+    await asyncio.sleep(0.02)
+    small = asyncio.create_task(b.acquire(1))
+    await asyncio.sleep(0.02)
+    held.release()
+    await asyncio.sleep(0.02)
+    assert big.done() and not small.done()  # first in, first served
+    big.result().release()
+    (await small).release()
+    held = await b.acquire(3)
+    big = asyncio.create_task(b.acquire(3))
+    small = asyncio.create_task(b.acquire(1))
+    await asyncio.sleep(0.02)
+    big.cancel()  # leaving, it no longer blocks the small one
+    with pytest.raises(asyncio.CancelledError):
+        await big
+    held.release()
+    (await small).release()
+    assert b.used == 0 and b.queued == 0
+
+
+async def test_more_than_the_capacity_is_admitted_alone_and_zero_means_no_limit():
+    b = _budget(capacity=10)
+    p = await b.acquire(1000)
+    assert b.used == 10
+    p.release()
+    p.release()  # idempotent
+    assert b.used == 0
+    free = Budget("free", 0, max_queue=0, max_wait_s=0, describe="x", unit="y")
+    assert [await free.acquire(10**9) for _ in range(100)]
+
+
+async def test_no_queue_sheds_at_once():
+    b = Budget("tensors", 100, max_queue=0, max_wait_s=0, describe="tensor memory", unit="bytes")
+    held = await b.acquire(80)
+    with pytest.raises(Overloaded):
+        await b.acquire(30)
+    assert (await b.acquire(20)).amount == 20
+    held.release()
+
+
+async def _shedding_inference_tier():
+    attempts = []
+
+    async def generate(request, context):
+        attempts.append(time.perf_counter())
+        errors.answer(context, Overloaded("this inference replica is at capacity", retry_after_s=0.7), pushback="now")
+        return
+        yield  # pragma: no cover
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(INFERENCE_SERVICE, {
+        "Generate": grpc.unary_stream_rpc_method_handler(generate)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}", attempts
+
+
+async def test_the_front_doors_channel_retries_a_shed_request_at_once_and_passes_the_hint_on():
+    """With a 3 MB request (the retry buffer must hold it) and grpcio's real retry policy: a
+    pushback of 0 would hang the call until its deadline; 1 ms gives three quick attempts."""
+    server, target, attempts = await _shedding_inference_tier()
+    client = InferenceClient(target, 64 << 20)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in client.generate(b"\x0a" + b"\x00" * 3_000_000, timeout_s=20):
+                pass
+        elapsed = time.perf_counter() - t0
+    finally:
+        await client.close()
+        await server.stop(0)
+    assert len(attempts) == 3 and elapsed < 5, (len(attempts), elapsed)
+    code, details, trailers = client_status(e.value, target)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert details == "inference tier unavailable: every replica tried is at capacity; retry after 0.7 s"
+    assert dict(trailers) == {"retry-after-ms": "700", "grpc-retry-pushback-ms": "700"}
