@@ -29,11 +29,11 @@ def test_the_pass_order_of_this_pillow_is_known():
 def _random(mode: str, w: int, h: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     rgba = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
-    if mode == "P":
-        return rgba.convert("RGB").quantize(64)
-    if mode == "PT":  # palette with a transparent index
-        p = rgba.convert("RGB").quantize(64)
-        p.info["transparency"] = 3
+    if mode in ("P", "PT"):  # PT: a palette with a transparent index
+        p = Image.fromarray(rng.integers(0, 64, (h, w), dtype=np.uint8), "P")
+        p.putpalette(rng.integers(0, 256, 64 * 3, dtype=np.uint8).tolist())
+        if mode == "PT":
+            p.info["transparency"] = 3
         return p
     if mode == "1":
         return rgba.convert("L").point(lambda v: 255 if v > 127 else 0).convert("1")
