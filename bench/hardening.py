@@ -9,9 +9,10 @@ Scenarios (``--only`` picks some; each starts the tiers it needs, tiny model, CP
 * ``bombs``: 50 concurrent 20 KB PNGs declaring 13000x13000 (1-bit, under Pillow's pixel limit)
   against a front door with ``--max-decode-mb``: peak RSS growth against the budget, outcomes.
 * ``overload``: both tiers; chats with a photo at 4x the measured capacity (Poisson arrivals):
-  how fast shed requests are answered, and the TTFT of admitted ones, beside idle TTFT.
+  how fast shed requests are answered, and the TTFT of admitted ones, beside idle TTFT;
+  ``overload-unbounded``: the same with budgets too large to bind, for comparison.
 
-usage: python bench/hardening.py [--only text,abandoned,bombs,overload] [--out FILE.md]
+usage: python bench/hardening.py [--only text,abandoned,bombs,overload,overload-unbounded] [--out FILE.md]
 Run it on an otherwise idle machine; every figure is a measurement of this run.
 """
 from __future__ import annotations
@@ -289,9 +290,10 @@ async def _chat(stub_call, req) -> tuple[str, float, float | None, str]:
         return e.code().name, time.perf_counter() - t0, first, e.details()
 
 
-def scenario_overload(out: list[str], factor: float = 4.0, seconds: float = 30.0) -> None:
-    inf_extra = ["--max-waiting", "2", "--max-queued", "2", "--max-queue-wait-s", "2"]
-    door_extra = ["--max-queue-wait-s", "2"]
+def scenario_overload(out: list[str], factor: float = 4.0, seconds: float = 30.0, bounded: bool = True) -> None:
+    inf_extra = (["--max-waiting", "2", "--max-queued", "2", "--max-queue-wait-s", "2"] if bounded
+                 else ["--max-waiting", "100000", "--max-queued", "0"])
+    door_extra = ["--max-queue-wait-s", "2"] if bounded else ["--max-preparing", "100000", "--max-queued", "0"]
     inf = inference_tier(inf_extra)
     door = None
     try:
@@ -311,9 +313,9 @@ def scenario_overload(out: list[str], factor: float = 4.0, seconds: float = 30.0
                 for i in range(3):
                     await _chat(call, request(i))  # warm up
                 idle = [await _chat(call, request(i)) for i in range(8)]
-                # Capacity: a closed loop of 4 clients for 15 s.
+                # Capacity: served requests per second with 16 clients in a closed loop for 20 s.
                 done = 0
-                stop_at = time.perf_counter() + 15
+                stop_at = time.perf_counter() + 20
 
                 async def worker(k):
                     nonlocal done
@@ -321,10 +323,12 @@ def scenario_overload(out: list[str], factor: float = 4.0, seconds: float = 30.0
                     while time.perf_counter() < stop_at:
                         r = await _chat(call, request(j))
                         done += r[0] == "OK"
-                        j += 4
+                        if r[0] != "OK":
+                            await asyncio.sleep(0.2)
+                        j += 16
 
                 t0 = time.perf_counter()
-                await asyncio.gather(*(worker(k) for k in range(4)))
+                await asyncio.gather(*(worker(k) for k in range(16)))
                 capacity = done / (time.perf_counter() - t0)
                 rate = factor * capacity
                 rng = random.Random(0)
@@ -343,19 +347,22 @@ def scenario_overload(out: list[str], factor: float = 4.0, seconds: float = 30.0
         shed = [r for r in results if r[0] == "UNAVAILABLE"]
         other = [r for r in results if r[0] not in ("OK", "UNAVAILABLE")]
         shed_front = [r for r in shed if r[3].startswith("the front door")]
-        shed_inf = [r for r in shed if r[3].startswith("inference tier unavailable")]
-        out += ["## 4x overload", "",
+        shed_now = [r for r in shed if r[3].startswith("inference tier unavailable") and "queue is full" in r[3]]
+        shed_waited = [r for r in shed if r[3].startswith("inference tier unavailable") and "waited" in r[3]]
+        out += ["## 4x overload" + ("" if bounded else ": the same without admission limits"), "",
                 "Both tiers (tiny model, CPU engine). Chats with a 640x480 photo, 8 tokens out, greedy; the "
                 f"inference tier with `{' '.join(inf_extra)}`, the front door with `{' '.join(door_extra)}` and its "
-                f"default budgets. Capacity measured first (4 clients in a closed loop, 15 s): {capacity:.2f} req/s; "
+                f"default budgets. Capacity measured first (served req/s, 16 clients in a closed loop, 20 s): {capacity:.2f}; "
                 f"then Poisson arrivals at {rate:.2f} req/s ({factor:g}x) for {seconds:g} s, {len(results)} requests, "
                 "no client retries.", "",
                 "| | requests | latency |", "|---|---|---|",
                 f"| idle, one at a time: TTFT | {len(idle)} | {fmt_ms([r[2] for r in idle if r[2] is not None])} |",
                 f"| admitted under overload: TTFT | {len(served)} | {fmt_ms([r[2] for r in served if r[2] is not None])} |",
                 f"| shed by the front door: time to the answer | {len(shed_front)} | {fmt_ms([r[1] for r in shed_front])} |",
-                f"| shed by the inference tier (relayed): time to the answer | {len(shed_inf)} | "
-                f"{fmt_ms([r[1] for r in shed_inf])} |",
+                f"| shed by the inference tier at once (queue full, relayed): time to the answer | {len(shed_now)} | "
+                f"{fmt_ms([r[1] for r in shed_now])} |",
+                f"| shed by the inference tier after its queue wait (relayed): time to the answer | {len(shed_waited)} | "
+                f"{fmt_ms([r[1] for r in shed_waited])} |",
                 f"| other errors | {len(other)} | {', '.join(sorted({r[0] for r in other})) or '-'} |",
                 "", f"Served {len(served) / seconds:.2f} req/s during the overload.", ""]
         if shed:
@@ -367,7 +374,8 @@ def scenario_overload(out: list[str], factor: float = 4.0, seconds: float = 30.0
 
 
 SCENARIOS = {"text": scenario_text, "abandoned": scenario_abandoned, "bombs": scenario_bombs,
-             "overload": scenario_overload}
+             "overload": scenario_overload,
+             "overload-unbounded": lambda out: scenario_overload(out, bounded=False)}
 
 
 def main() -> int:

@@ -139,5 +139,5 @@ async def test_the_front_doors_channel_retries_a_shed_request_at_once_and_passes
     assert len(attempts) == 3 and elapsed < 5, (len(attempts), elapsed)
     code, details, trailers = client_status(e.value, target)
     assert code == grpc.StatusCode.UNAVAILABLE
-    assert details == "inference tier unavailable: every replica tried is at capacity; retry after 0.7 s"
+    assert details == "inference tier unavailable: this inference replica is at capacity; retry after 0.7 s"
     assert dict(trailers) == {"retry-after-ms": "700", "grpc-retry-pushback-ms": "700"}

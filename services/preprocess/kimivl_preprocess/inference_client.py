@@ -70,8 +70,9 @@ def client_status(error: grpc.aio.AioRpcError, target: str) -> tuple[grpc.Status
     if code != grpc.StatusCode.UNAVAILABLE:
         return code, errors.client_message(details), ()
     hint = errors.retry_after_s(error.trailing_metadata())
-    if hint is not None:  # the tier shed the request (at capacity): retry after its hint
-        shed = errors.Overloaded("inference tier unavailable: every replica tried is at capacity", retry_after_s=hint)
+    if hint is not None:  # the tier shed the request (at capacity): its reason (our own words), its hint
+        reason = details.rsplit("; retry after", 1)[0] or "at capacity"
+        shed = errors.Overloaded(f"inference tier unavailable: {reason}", retry_after_s=hint)
         return code, str(shed), shed.trailing_metadata(pushback="hint")
     log.warning("inference tier %s unavailable: %s", target, errors.client_message(details, 300))
     return code, "inference tier unavailable; retry later", ()
