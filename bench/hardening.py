@@ -9,10 +9,10 @@ Scenarios (``--only`` picks some; each starts the tiers it needs, tiny model, CP
 * ``bombs``: 50 concurrent 20 KB PNGs declaring 13000x13000 (1-bit, under Pillow's pixel limit)
   against a front door with ``--max-decode-mb``: peak RSS growth against the budget, outcomes.
 * ``overload``: both tiers; chats with a photo at 4x the measured capacity (Poisson arrivals):
-  how fast shed requests are answered, and the TTFT of admitted ones, beside idle TTFT;
-  ``overload-unbounded``: the same with budgets too large to bind, for comparison.
+  how fast shed requests are answered, and the TTFT of admitted ones, beside idle TTFT, with
+  budgets that bind and, on the same arrival schedule, with budgets too large to.
 
-usage: python bench/hardening.py [--only text,abandoned,bombs,overload,overload-unbounded] [--out FILE.md]
+usage: python bench/hardening.py [--only text,abandoned,bombs,overload] [--out FILE.md]
 Run it on an otherwise idle machine; every figure is a measurement of this run.
 """
 from __future__ import annotations
@@ -290,10 +290,13 @@ async def _chat(stub_call, req) -> tuple[str, float, float | None, str]:
         return e.code().name, time.perf_counter() - t0, first, e.details()
 
 
-def scenario_overload(out: list[str], factor: float = 4.0, seconds: float = 30.0, bounded: bool = True) -> None:
-    inf_extra = (["--max-waiting", "2", "--max-queued", "2", "--max-queue-wait-s", "2"] if bounded
-                 else ["--max-waiting", "100000", "--max-queued", "0"])
-    door_extra = ["--max-queue-wait-s", "2"] if bounded else ["--max-preparing", "100000", "--max-queued", "0"]
+BOUNDED = (["--max-waiting", "8", "--max-queued", "8", "--max-queue-wait-s", "2"], ["--max-queue-wait-s", "2"])
+UNBOUNDED = (["--max-waiting", "100000", "--max-queued", "0"], ["--max-preparing", "100000", "--max-queued", "0"])
+
+
+def _overload_run(inf_extra, door_extra, rate: float | None, seconds: float):
+    """Start both tiers, measure idle TTFT (and capacity when ``rate`` is None), then offer Poisson
+    arrivals at ``rate`` (or 4x the capacity) for ``seconds``."""
     inf = inference_tier(inf_extra)
     door = None
     try:
@@ -313,24 +316,23 @@ def scenario_overload(out: list[str], factor: float = 4.0, seconds: float = 30.0
                 for i in range(3):
                     await _chat(call, request(i))  # warm up
                 idle = [await _chat(call, request(i)) for i in range(8)]
-                # Capacity: served requests per second with 16 clients in a closed loop for 20 s.
-                done = 0
-                stop_at = time.perf_counter() + 20
+                capacity = None
+                offered = rate
+                if offered is None:  # served req/s with 16 clients in a closed loop, 20 s
+                    done = 0
+                    stop_at = time.perf_counter() + 20
 
-                async def worker(k):
-                    nonlocal done
-                    j = k
-                    while time.perf_counter() < stop_at:
-                        r = await _chat(call, request(j))
-                        done += r[0] == "OK"
-                        if r[0] != "OK":
-                            await asyncio.sleep(0.2)
-                        j += 16
+                    async def worker(k):
+                        nonlocal done
+                        j = k
+                        while time.perf_counter() < stop_at:
+                            done += (await _chat(call, request(j)))[0] == "OK"
+                            j += 16
 
-                t0 = time.perf_counter()
-                await asyncio.gather(*(worker(k) for k in range(16)))
-                capacity = done / (time.perf_counter() - t0)
-                rate = factor * capacity
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*(worker(k) for k in range(16)))
+                    capacity = done / (time.perf_counter() - t0)
+                    offered = 4 * capacity
                 rng = random.Random(0)
                 tasks = []
                 t_end = time.perf_counter() + seconds
@@ -338,44 +340,53 @@ def scenario_overload(out: list[str], factor: float = 4.0, seconds: float = 30.0
                 while time.perf_counter() < t_end:
                     tasks.append(asyncio.create_task(_chat(call, request(i))))
                     i += 1
-                    await asyncio.sleep(rng.expovariate(rate))
-                results = await asyncio.gather(*tasks)
-                return idle, capacity, rate, results
+                    await asyncio.sleep(rng.expovariate(offered))
+                return idle, capacity, offered, await asyncio.gather(*tasks)
 
-        idle, capacity, rate, results = asyncio.run(run())
-        served = [r for r in results if r[0] == "OK"]
-        shed = [r for r in results if r[0] == "UNAVAILABLE"]
-        other = [r for r in results if r[0] not in ("OK", "UNAVAILABLE")]
-        shed_front = [r for r in shed if r[3].startswith("the front door")]
-        shed_now = [r for r in shed if r[3].startswith("inference tier unavailable") and "queue is full" in r[3]]
-        shed_waited = [r for r in shed if r[3].startswith("inference tier unavailable") and "waited" in r[3]]
-        out += ["## 4x overload" + ("" if bounded else ": the same without admission limits"), "",
-                "Both tiers (tiny model, CPU engine). Chats with a 640x480 photo, 8 tokens out, greedy; the "
-                f"inference tier with `{' '.join(inf_extra)}`, the front door with `{' '.join(door_extra)}` and its "
-                f"default budgets. Capacity measured first (served req/s, 16 clients in a closed loop, 20 s): {capacity:.2f}; "
-                f"then Poisson arrivals at {rate:.2f} req/s ({factor:g}x) for {seconds:g} s, {len(results)} requests, "
-                "no client retries.", "",
-                "| | requests | latency |", "|---|---|---|",
-                f"| idle, one at a time: TTFT | {len(idle)} | {fmt_ms([r[2] for r in idle if r[2] is not None])} |",
-                f"| admitted under overload: TTFT | {len(served)} | {fmt_ms([r[2] for r in served if r[2] is not None])} |",
-                f"| shed by the front door: time to the answer | {len(shed_front)} | {fmt_ms([r[1] for r in shed_front])} |",
-                f"| shed by the inference tier at once (queue full, relayed): time to the answer | {len(shed_now)} | "
-                f"{fmt_ms([r[1] for r in shed_now])} |",
-                f"| shed by the inference tier after its queue wait (relayed): time to the answer | {len(shed_waited)} | "
-                f"{fmt_ms([r[1] for r in shed_waited])} |",
-                f"| other errors | {len(other)} | {', '.join(sorted({r[0] for r in other})) or '-'} |",
-                "", f"Served {len(served) / seconds:.2f} req/s during the overload.", ""]
-        if shed:
-            out += [f"A shed answer: `{shed[0][3]}`", ""]
+        return asyncio.run(run())
     finally:
         if door:
             door.stop()
         inf.stop()
 
 
+def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
+    """The engine's capacity measured without limits; then 4x that offered to both configurations."""
+    idle_u, capacity, rate, results_u = _overload_run(*UNBOUNDED, None, seconds)
+    idle_b, _, _, results_b = _overload_run(*BOUNDED, rate, seconds)
+    out += ["## 4x overload", "",
+            "Both tiers (tiny model, CPU engine). Chats with a 640x480 photo, 8 tokens out, greedy, no client "
+            f"retries. Capacity: {capacity:.2f} served req/s with 16 clients in a closed loop (20 s) and no limits; "
+            f"then Poisson arrivals at {rate:.2f} req/s (4x) for {seconds:g} s to each configuration, the same "
+            f"schedule: **bounded** (inference tier `{' '.join(BOUNDED[0])}`, front door `{' '.join(BOUNDED[1])}` "
+            f"and its defaults) and **unbounded** (`{' '.join(UNBOUNDED[0])}`; front door `{' '.join(UNBOUNDED[1])}`).",
+            "", "| | bounded | unbounded |", "|---|---|---|"]
+
+    def rows(idle, results):
+        served = [r for r in results if r[0] == "OK"]
+        window = [r for r in results if r[0] == "UNAVAILABLE" and "shed the last request" in r[3]]
+        front = [r for r in results if r[0] == "UNAVAILABLE" and r[3].startswith("the front door")]
+        relayed = [r for r in results if r[0] == "UNAVAILABLE" and r not in window and r not in front]
+        other = [r for r in results if r[0] not in ("OK", "UNAVAILABLE")]
+        return {
+            "requests offered": str(len(results)),
+            "idle TTFT, one at a time": fmt_ms([r[2] for r in idle if r[2] is not None]),
+            "admitted: TTFT": fmt_ms([r[2] for r in served if r[2] is not None]),
+            "served req/s": f"{len(served) / seconds:.2f}",
+            "shed at once by the front door (the tier shed the last one): answer in": fmt_ms([r[1] for r in window]),
+            "shed by the front door's own budget: answer in": fmt_ms([r[1] for r in front]),
+            "shed by the inference tier, relayed: answer in": fmt_ms([r[1] for r in relayed]),
+            "other errors": f"{len(other)} {sorted({r[0] for r in other})}" if other else "0",
+        }
+
+    b, u = rows(idle_b, results_b), rows(idle_u, results_u)
+    out += [f"| {k} | {b[k]} | {u[k]} |" for k in b]
+    examples = [r[3] for r in results_b if r[0] == "UNAVAILABLE"]
+    out += [""] + [f"Shed answers: `{e}`" for e in sorted(set(examples), key=examples.index)[:2]] + [""]
+
+
 SCENARIOS = {"text": scenario_text, "abandoned": scenario_abandoned, "bombs": scenario_bombs,
-             "overload": scenario_overload,
-             "overload-unbounded": lambda out: scenario_overload(out, bounded=False)}
+             "overload": scenario_overload}
 
 
 def main() -> int:

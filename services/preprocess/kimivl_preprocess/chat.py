@@ -12,12 +12,14 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
+
 from kimivl.v1 import chat_pb2
 from kimivl_contract.limits import check_sampling
 
 from . import metrics
 from .codec import generate_request
-from .inference_client import InferenceClient
+from .inference_client import InferenceClient, ShedWindow
 from .pipeline import Prepared, Preprocessor
 from .uploads import UploadGate
 
@@ -34,16 +36,18 @@ class ChatStart:
 
 class ChatFlow:
     def __init__(self, preprocessor: Preprocessor, inference: InferenceClient, wire_dtype: str,
-                 uploads: UploadGate | None = None):
+                 uploads: UploadGate | None = None, shed_window: ShedWindow | None = None):
         self.pre = preprocessor
         self.inference = inference
         self.wire_dtype = wire_dtype
         self.uploads = uploads or UploadGate(0)
+        self.shed_window = shed_window or ShedWindow()
 
     async def prepare(self, request: chat_pb2.ChatRequest, arrived_s: float | None = None) -> ChatStart:
         """Check the options and build the prompt (RequestError for bad input)."""
         arrived_s = time.perf_counter() if arrived_s is None else arrived_s
         check_sampling(request.sampling, request.thinking)
+        self.shed_window.check()  # the inference tier is shedding: refuse before any work
         max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
         with metrics.PREPROCESS_SECONDS.time():
             prepared = await self.pre.prepare(request, self.wire_dtype, max_tokens=max_tokens)
@@ -63,14 +67,18 @@ class ChatFlow:
             call = await self.uploads.start(lambda: self.inference.generate(message.pop(), timeout_s))
         first = True
         try:
-            async for raw in call:
-                if first:
-                    metrics.CHAT_TTFT.observe(time.perf_counter() - start.arrived_s)
-                    first = False
-                if raw[:1] == bytes([RESULT_TAG]):
-                    yield with_front_door_timings(raw, start.prepared.preprocess_ms, start.arrived_s)
-                else:
-                    yield raw
+            try:
+                async for raw in call:
+                    if first:
+                        metrics.CHAT_TTFT.observe(time.perf_counter() - start.arrived_s)
+                        first = False
+                    if raw[:1] == bytes([RESULT_TAG]):
+                        yield with_front_door_timings(raw, start.prepared.preprocess_ms, start.arrived_s)
+                    else:
+                        yield raw
+            except grpc.aio.AioRpcError as e:
+                self.shed_window.observe(e)
+                raise
         finally:
             call.cancel()  # no-op once finished; aborts the engine request if the client left
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import grpc
 
@@ -76,3 +77,27 @@ def client_status(error: grpc.aio.AioRpcError, target: str) -> tuple[grpc.Status
         return code, str(shed), shed.trailing_metadata(pushback="hint")
     log.warning("inference tier %s unavailable: %s", target, errors.client_message(details, 300))
     return code, "inference tier unavailable; retry later", ()
+
+
+class ShedWindow:
+    """After the inference tier shed a request on every replica tried, new chats are refused at once
+    (before any preprocessing) for as long as its hint says, at most ``max_s``: under a sustained
+    overload the answer to a shed chat then costs nothing, and the tier is not sent work it would
+    refuse. The next chat after the window goes through and reopens it if it is shed too."""
+
+    def __init__(self, max_s: float = 1.0):
+        self.max_s = max_s
+        self._until = 0.0
+
+    def observe(self, error: grpc.aio.AioRpcError) -> None:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            hint = errors.retry_after_s(error.trailing_metadata())
+            if hint is not None:
+                self._until = max(self._until, time.monotonic() + min(hint, self.max_s))
+
+    def check(self) -> None:
+        """Overloaded while the window is open."""
+        left = self._until - time.monotonic()
+        if left > 0:
+            raise errors.Overloaded("inference tier unavailable: it shed the last request on every replica tried",
+                                    retry_after_s=left)
