@@ -274,7 +274,7 @@ def photo_jpeg(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     img = Image.fromarray(skdata.astronaut()).rotate(float(rng.uniform(-5, 5)))
     buf = io.BytesIO()
-    img.resize((640, 480)).save(buf, "JPEG", quality=int(rng.integers(85, 95)))
+    img.resize((448, 336)).save(buf, "JPEG", quality=int(rng.integers(85, 95)))
     return buf.getvalue()
 
 
@@ -318,7 +318,7 @@ def _overload_run(inf_extra, door_extra, rate: float | None, seconds: float):
                 idle = [await _chat(call, request(i)) for i in range(8)]
                 capacity = None
                 offered = rate
-                if offered is None:  # served req/s with 16 clients in a closed loop, 20 s
+                if offered is None:  # served req/s with 4 clients in a closed loop, 20 s
                     done = 0
                     stop_at = time.perf_counter() + 20
 
@@ -327,10 +327,10 @@ def _overload_run(inf_extra, door_extra, rate: float | None, seconds: float):
                         j = k
                         while time.perf_counter() < stop_at:
                             done += (await _chat(call, request(j)))[0] == "OK"
-                            j += 16
+                            j += 4
 
                     t0 = time.perf_counter()
-                    await asyncio.gather(*(worker(k) for k in range(16)))
+                    await asyncio.gather(*(worker(k) for k in range(4)))
                     capacity = done / (time.perf_counter() - t0)
                     offered = 4 * capacity
                 rng = random.Random(0)
@@ -355,8 +355,8 @@ def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
     idle_u, capacity, rate, results_u = _overload_run(*UNBOUNDED, None, seconds)
     idle_b, _, _, results_b = _overload_run(*BOUNDED, rate, seconds)
     out += ["## 4x overload", "",
-            "Both tiers (tiny model, CPU engine). Chats with a 640x480 photo, 8 tokens out, greedy, no client "
-            f"retries. Capacity: {capacity:.2f} served req/s with 16 clients in a closed loop (20 s) and no limits; "
+            "Both tiers (tiny model, CPU engine). Chats with a 448x336 photo, 8 tokens out, greedy, no client "
+            f"retries. Capacity: {capacity:.2f} served req/s with 4 clients in a closed loop (20 s) and no limits; "
             f"then Poisson arrivals at {rate:.2f} req/s (4x) for {seconds:g} s to each configuration, the same "
             f"schedule: **bounded** (inference tier `{' '.join(BOUNDED[0])}`, front door `{' '.join(BOUNDED[1])}` "
             f"and its defaults) and **unbounded** (`{' '.join(UNBOUNDED[0])}`; front door `{' '.join(UNBOUNDED[1])}`).",

@@ -141,3 +141,37 @@ async def test_the_front_doors_channel_retries_a_shed_request_at_once_and_passes
     assert code == grpc.StatusCode.UNAVAILABLE
     assert details == "inference tier unavailable: this inference replica is at capacity; retry after 0.7 s"
     assert dict(trailers) == {"retry-after-ms": "700", "grpc-retry-pushback-ms": "700"}
+
+
+async def test_after_a_shed_on_every_replica_the_front_door_refuses_new_chats_before_any_work(tiny_model):
+    from kimivl.v1 import chat_pb2, types_pb2
+    from kimivl_contract.processor import ProcessorConfig
+    from kimivl_preprocess.chat import ChatFlow
+    from kimivl_preprocess.pipeline import Preprocessor
+    from kimivl_preprocess.pool import ImagePool
+    from kimivl_preprocess.sources import FetchPolicy, ImageFetcher
+
+    server, target, attempts = await _shedding_inference_tier()
+    pool = ImagePool(ProcessorConfig.from_model_dir(str(tiny_model)), workers=1)
+    pre = Preprocessor(str(tiny_model), pool, ImageFetcher(FetchPolicy()), max_images=8)
+    client = InferenceClient(target, 64 << 20)
+    flow = ChatFlow(pre, client, "uint8")
+    request = chat_pb2.ChatRequest(conversation=types_pb2.Conversation(messages=[
+        types_pb2.Message(role=types_pb2.ROLE_USER, content=[types_pb2.ContentPart(text="hello")])]))
+    try:
+        start = await flow.prepare(request)
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in flow.stream(start, request, 20):
+                pass
+        assert len(attempts) == 3
+        with pytest.raises(Overloaded) as e:  # at once: the tier said 0.7 s
+            await flow.prepare(request)
+        assert "shed the last request on every replica tried" in str(e.value)
+        assert 0 < e.value.retry_after_s <= 0.7 and len(attempts) == 3
+        await asyncio.sleep(0.8)
+        await flow.prepare(request)  # the window has closed
+    finally:
+        await client.close()
+        await server.stop(0)
+        pre.close()
+        pool.close()
