@@ -69,5 +69,18 @@ lint: install-base
 bench-preprocess: install-base
 	$(BIN)/python bench/preprocess.py
 
+# Container images without a Docker daemon: buildah --isolation chroot on a debootstrapped
+# bookworm base, then each tier started from its image's filesystem with the tiny model and
+# probed over loopback with this venv's clients (scripts/image_check.sh; apt-gets buildah,
+# podman and debootstrap when missing, so run as root). Sizes and times: docs/kubernetes.md.
+.PHONY: image-preprocess image-inference images
+image-preprocess: install $(MODEL)/config.json
+	MODEL=$(MODEL) PY=$(BIN)/python bash scripts/image_check.sh preprocess
+
+image-inference: install $(MODEL)/config.json
+	MODEL=$(MODEL) PY=$(BIN)/python bash scripts/image_check.sh inference
+
+images: image-preprocess image-inference
+
 clean:
 	rm -rf $(VENV) build *.egg-info clients/python/kimivl/v1

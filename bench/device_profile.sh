@@ -1,5 +1,5 @@
 #!/bin/bash
-# The serving benchmark with py-spy on the servers during chosen phases (device call; carry .gpu, .whl):
+# The serving benchmark with py-spy on the servers during chosen phases (device call; see device_serving.sh):
 #   bash bench/device_profile.sh [--install] SECONDS TRIGGER=TARGET [TRIGGER=TARGET ...] -- SERVING_ARGS...
 # Runs bench/device_serving.sh in the background (results to $OUT/run). Each time its log gets a
 # line containing TRIGGER (e.g. "ours:12 photos/poisson@12: ok", after which the next phase

@@ -4,9 +4,9 @@ Everything a system needs for a request is built before a phase is timed (gRPC m
 JSON bodies with base64 data URIs, or for the engine ceiling the preprocessed engine input);
 the timed part only sends and reads streams. One asyncio loop drives all requests.
 
-Request files are deterministic: a request's images depend only on the workload, the phase and
-the request's index, so every system (and every invocation, e.g. on another machine) gets the
-same bytes; each phase records a sha256 over them.
+Request files are deterministic: a request's images depend only on the workload, the phase, the
+repeat and the request's index (``harness/workloads.py``), so every system (and every invocation,
+e.g. on another machine) gets the same bytes; each phase records a sha256 over them.
 """
 from __future__ import annotations
 
@@ -354,17 +354,25 @@ class EngineSender:
     PreparedPrompt into engine input with the inference tier's build_engine_input: not timed."""
     kind = "ceiling"
 
-    def __init__(self, engine, preprocessor, model_dtype):
+    def __init__(self, engine, preprocessor, model_dtype, raw_pixels: bool = False):
         self.engine = engine
         self.pre = preprocessor
         self.dtype = model_dtype
+        # raw_pixels: the engine runs the vision fast path, which takes the raw uint8 patches and
+        # normalizes them on the device (as the inference tier hands them over then); else
+        # bfloat16 patches, normalized here beforehand (as the stock tier does on its CPU).
+        self.raw_pixels = raw_pixels
+        self.prepared_bytes = 0  # tensor bytes prepared so far (the harness bounds what it keeps ahead)
 
     async def prepare(self, req: Req, extra: dict | None = None):
         from kimivl.client import build_request
         from kimivl_inference.engine_input import build_engine_input
 
-        prepared = await self.pre.prepare(build_request(req.parts), "bfloat16")  # the front door's wire dtype
-        return build_engine_input(prepared.prompt.message(), self.dtype), req.max_tokens, bool(extra)
+        prepared = await self.pre.prepare(build_request(req.parts), "uint8" if self.raw_pixels else "bfloat16")
+        msg = prepared.prompt.message()
+        self.prepared_bytes += sum(img.pixel_values.ByteSize() for img in msg.images)  # no copy of the bytes
+        kw = {"raw_pixels": True} if self.raw_pixels else {}
+        return build_engine_input(msg, self.dtype, **kw), req.max_tokens, bool(extra)
 
     async def send(self, payload, rec: Record, want_ids: bool = False) -> None:
         from vllm import SamplingParams
@@ -559,17 +567,18 @@ class Samplers:
                 self._smi.kill()
 
 
-def cpu_seconds_by_process(roles: dict[str, int]) -> dict[int, tuple[str, float]]:
-    """pid -> (label, user+system CPU seconds) for these process trees (alive now). A root is
-    labelled with its role, a child with ``role › its name`` (vLLM titles its engine core
-    ``VLLM::EngineCore``): where a system's CPU goes, process by process."""
+def cpu_seconds_by_process(roles: dict[str, int], alone: frozenset = frozenset()) -> dict[int, tuple[str, float]]:
+    """pid -> (label, user+system CPU seconds) for these process trees (alive now; a role in
+    ``alone`` without its children). A root is labelled with its role, a child with ``role ›
+    its name`` (vLLM titles its engine core ``VLLM::EngineCore``): where a system's CPU goes,
+    process by process."""
     import psutil
 
     out = {}
     for role, pid in roles.items():
         try:
             root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
+            procs = [root] if role in alone else [root, *root.children(recursive=True)]
         except psutil.Error:
             continue
         for q in procs:

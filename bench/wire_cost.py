@@ -25,8 +25,9 @@ from conftest import free_port, start_preprocess  # noqa: E402
 from kimivl.client import Client  # noqa: E402
 from kimivl.v1 import inference_pb2, types_pb2  # noqa: E402
 from kimivl_contract import dtypes  # noqa: E402
+from kimivl_contract.processor import ProcessorConfig  # noqa: E402
 from kimivl_preprocess.codec import PromptWire, generate_request  # noqa: E402
-from kimivl_preprocess.image import ProcessorConfig, preprocess_image_bytes  # noqa: E402
+from kimivl_preprocess.image import preprocess_image_bytes  # noqa: E402
 
 ROUNDS = 12
 

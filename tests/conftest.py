@@ -43,21 +43,28 @@ class ServerProcess(TierProcess):
             raise RuntimeError(str(e)) from None
 
 
-def start_inference(port: int | None = None, extra: list[str] = ()) -> ServerProcess:
-    port = port or free_port()
-    return ServerProcess("inference", ["inference", "--model", str(tiny_model_dir()), "--host", "127.0.0.1",
-                                       "--port", str(port), "--metrics-port", str(free_port()), "--device", "cpu",
-                                       "--enforce-eager", "--max-model-len", "8192", "--limit-mm-per-prompt", "8",
-                                       "--max-num-batched-tokens", "8192",
-                                       "--drain-timeout-s", "20", *extra], port)
+def start_inference(port: int | None = None, extra: list[str] = (), env: dict | None = None) -> ServerProcess:
+    """An inference tier; its Prometheus metrics are at ``srv.metrics``."""
+    port, metrics = port or free_port(), free_port()
+    srv = ServerProcess("inference", ["inference", "--model", str(tiny_model_dir()), "--host", "127.0.0.1",
+                                      "--port", str(port), "--metrics-port", str(metrics), "--device", "cpu",
+                                      "--enforce-eager", "--max-model-len", "8192", "--limit-mm-per-prompt", "8",
+                                      "--max-num-batched-tokens", "8192",
+                                      "--drain-timeout-s", "20", "--warmup-grids", "none", *extra], port, env)
+    srv.metrics = f"http://127.0.0.1:{metrics}/metrics"
+    return srv
 
 
-def start_preprocess(inference_target: str, extra: list[str] = ()) -> ServerProcess:
-    port = free_port()
-    return ServerProcess("preprocess", ["preprocess", "--model", str(tiny_model_dir()), "--host", "127.0.0.1",
-                                        "--port", str(port), "--metrics-port", str(free_port()),
-                                        "--inference-target", inference_target, "--workers", "2",
-                                        "--max-images", "8", *extra], port)
+def start_preprocess(inference_target: str, extra: list[str] = (), env: dict | None = None) -> ServerProcess:
+    """A front door; its OpenAI-compatible HTTP port is ``srv.http`` (http://host:port) and its
+    metrics ``srv.metrics``."""
+    port, http, metrics = free_port(), free_port(), free_port()
+    srv = ServerProcess("preprocess", ["preprocess", "--model", str(tiny_model_dir()), "--host", "127.0.0.1",
+                                       "--port", str(port), "--metrics-port", str(metrics), "--http-port", str(http),
+                                       "--inference-target", inference_target, "--workers", "2",
+                                       "--max-images", "8", *extra], port, env)
+    srv.http, srv.metrics = f"http://127.0.0.1:{http}", f"http://127.0.0.1:{metrics}/metrics"
+    return srv
 
 
 _made = False

@@ -61,3 +61,27 @@ def test_grpcurl_example_json_is_a_valid_request_through_reflection(front_door):
     assert "result" in events[-1]
     usage = events[-1]["result"]["usage"]
     assert int(usage.get("thinkingTokens", 0)) + int(usage.get("answerTokens", 0)) <= 16
+
+
+def _openai_example(code: str, front_door) -> str:
+    return (code.replace("http://localhost:8000", front_door.http)
+            .replace("Kimi-VL-A3B-Thinking-2506", "kimi-vl-tiny"))
+
+
+def test_curl_example_runs(front_door):
+    (block,) = [b for b in blocks("bash") if "/v1/chat/completions" in b]
+    proc = subprocess.run(["bash", "-c", _openai_example(block, front_door)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={"PATH": "/usr/bin:/bin", "KIMIVL_API_KEY": ""})
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout)
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["role"] == "assistant"
+    assert 0 < reply["usage"]["completion_tokens"] <= 32 and reply["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+
+
+def test_openai_sdk_example_runs(front_door):
+    (code,) = [b for b in blocks("python") if "from openai import OpenAI" in b]
+    proc = subprocess.run([sys.executable, "-c", _openai_example(code, front_door)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    completion, reasoning = map(int, proc.stdout.strip().splitlines()[-1].split())
+    assert 0 < completion <= 64 and 0 <= reasoning <= completion

@@ -170,6 +170,38 @@ def test_front_door_takes_a_prepared_prompt_and_rehashes_it(front_door):
         c.chat(request=chat_pb2.ChatRequest(prepared_prompt=bad))
 
 
+def _ids(target, prompt) -> list[int]:
+    return [t for m in _generate(target, prompt, max_tokens=12, ignore_eos=True)
+            if m.WhichOneof("event") == "delta" for t in m.delta.token_ids]
+
+
+def _with_hash(prompt, content_hash: str):
+    out = types_pb2.PreparedPrompt()
+    out.CopyFrom(prompt)
+    out.images[0].content_hash = content_hash
+    return out
+
+
+def test_a_forged_content_hash_neither_reads_nor_plants_cached_results(front_door, inference_server):
+    """The inference tier keys the engine's caches by an identity it derives from the tensor, so a
+    caller that reaches it directly cannot get image A's cached result for image B's pixels, nor
+    plant B's result under the hash of an image C that an honest chat then sends."""
+    side = jpeg(np.ascontiguousarray(skdata.astronaut()[:, ::-1]))  # same size as ASTRONAUT: same grid
+    with Client(front_door.target, timeout_s=120) as c:  # uint8, as the front door's chats send them
+        a, b = (c.preprocess(["Look", img], dtype=types_pb2.TENSOR_DTYPE_UINT8).prompt for img in (ASTRONAUT, side))
+    assert (a.images[0].grid_height, a.images[0].grid_width) == (b.images[0].grid_height, b.images[0].grid_width)
+    ids_a, ids_b = _ids(inference_server.target, a), _ids(inference_server.target, b)
+    assert ids_a != ids_b  # the image matters to the tiny model, so a cache mix-up would show
+    # Read: B's pixels under A's hash, right after A filled the caches.
+    assert _ids(inference_server.target, a) == ids_a
+    assert _ids(inference_server.target, _with_hash(b, a.images[0].content_hash)) == ids_b
+    # Plant: A's pixels under the hash the front door gives C (= B here), then the honest chat.
+    _ids(inference_server.target, _with_hash(a, b.images[0].content_hash))
+    with Client(front_door.target, timeout_s=300) as c:
+        honest = c.chat(["Look", side], sampling={"temperature": 0.0, "max_tokens": 12, "ignore_eos": True})
+    assert honest.token_ids == ids_b
+
+
 def _metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     vals = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]

@@ -84,8 +84,11 @@ def _start(name, extra):
 @pytest.fixture(scope="module")
 def door():
     """One request prepared at a time, one more may wait up to 3 s: small enough to fill in a test."""
+    http_port = free_port()
     srv = _start("preprocess-limits", ["--allow-private-urls", "--max-preparing", "1", "--max-queued", "1",
-                                       "--max-queue-wait-s", "3", "--max-request-pixels", "300000000"])
+                                       "--max-queue-wait-s", "3", "--max-request-pixels", "300000000",
+                                       "--http-port", str(http_port)])
+    srv.http_url = f"http://127.0.0.1:{http_port}"
     try:
         yield srv
     finally:
@@ -187,6 +190,41 @@ def test_load_past_the_budget_waits_in_a_bounded_queue_or_is_shed_at_once(stubs,
     assert waited.value.code() == grpc.StatusCode.UNAVAILABLE and "waited 3.0 s" in waited.value.details()
     assert first.result().prompt.images  # the admitted one is served
     assert pre.Preprocess(_pre(_conv("after", types_pb2.Image(url=f"{http_url}/ok.png"))), timeout=30).prompt.images
+
+
+def test_the_http_port_shares_the_budget_and_sheds_with_retry_after(door, stubs, http_url):
+    """The OpenAI-compatible port runs chats through the same ChatFlow, so the same admission:
+    with the slot and the queue taken by gRPC requests, an HTTP chat is a 503 at once, with
+    Retry-After and OpenAI's error body."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    pre, _, _ = stubs
+    slow = _pre(_conv("slow", types_pb2.Image(url=f"{http_url}/slow.png")))
+    first = pre.Preprocess.future(slow, timeout=60)  # holds the one slot for SLOW_S
+    time.sleep(0.5)
+    second = pre.Preprocess.future(slow, timeout=60)  # the one queue place
+    time.sleep(0.3)
+    body = json.dumps({"model": "kimi-vl-tiny", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is it?"},
+        {"type": "image_url", "image_url": {"url": f"{http_url}/ok.png"}}]}]}).encode()
+    t0 = time.perf_counter()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(f"{door.http_url}/v1/chat/completions", data=body, headers={
+            "Content-Type": "application/json"}), timeout=30)
+    shed_s = time.perf_counter() - t0
+    assert e.value.code == 503, e.value.read()
+    assert int(e.value.headers["Retry-After"]) >= 1
+    error = json.loads(e.value.read())["error"]
+    assert "the front door is at capacity" in error["message"] and "queue is full" in error["message"]
+    assert error["type"] == "server_error" and error["code"] == "service_unavailable"
+    assert shed_s < 2
+    for f in (first, second):
+        try:
+            f.result()
+        except grpc.RpcError:
+            pass  # the queued one may have waited too long: the budget's business, tested above
 
 
 @pytest.mark.parametrize("how", ["cancel", "deadline"])

@@ -1,7 +1,9 @@
 """The Kubernetes manifests (k8s/): every overlay renders with kustomize, validates against a
 pinned Kubernetes version's schemas, and agrees with the code: ports, health service names,
 CLI flags, the headless Service and the gRPC target, NetworkPolicy/PDB/HPA selectors,
-Prometheus annotations, drain vs. grace period, security context.
+Prometheus annotations, drain vs. grace period, security context. The add-on components
+(KEDA's ScaledObject, the inference gateway's InferencePool and Endpoint Picker) are checked
+against their own schemas and against the tiers they scale or route to.
 
 Needs `kubectl` (client with kustomize) on PATH and the project installed in the running
 interpreter's environment (the generated kimivl.v1 stubs and the `kimivl` CLI). No cluster.
@@ -22,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-OVERLAYS = ("cpu-dev", "gpu")
+OVERLAYS = ("cpu-dev", "gpu", "gpu-keda", "gpu-gateway")
 # Schemas of this Kubernetes version (kubernetes-validate ships them; works offline). The
 # oldest minor release the manifests support: HPA autoscaling/v2, PDB
 # unhealthyPodEvictionPolicy and native gRPC probes are all GA by 1.30.
@@ -238,6 +240,86 @@ def _mount_for(deploy: dict, container: dict, path: str) -> tuple[str, dict, boo
     return max(hits, key=lambda m: len(m[0])) if hits else None
 
 
+# --------------------------------------------------------------------------- add-on schemas
+def _validate_scaled_object(doc: dict) -> list[str]:
+    """KEDA's ScaledObject against the models that cloudcoil-models-keda generates from KEDA's
+    released CRD YAML (keda-2.16.1-crds.yaml; no registry package ships the CRD file itself).
+    The models ignore unknown fields, so a field that does not survive the round trip is one
+    the CRD does not have."""
+    try:
+        from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    except ImportError:
+        pytest.fail("cloudcoil-models-keda is not installed: pip install 'cloudcoil-models-keda==2.16.1.0' "
+                    "(KEDA's CRD schema for the ScaledObject)", pytrace=False)
+    from pydantic import ValidationError
+
+    try:
+        back = ScaledObject.model_validate(doc).model_dump(by_alias=True, exclude_unset=True, mode="json")
+    except ValidationError as e:
+        return [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+    return [f"{path}: not in KEDA's ScaledObject schema (or not of its type)" for path in _diff(doc, back)]
+
+
+def _diff(a, b, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [p for k in a.keys() | b.keys() for p in _diff(a.get(k), b.get(k), f"{path}.{k}".lstrip("."))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [p for i, (x, y) in enumerate(zip(a, b, strict=True)) for p in _diff(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path]
+
+
+# No registry package (PyPI, npm, Debian) carries the Gateway API Inference Extension's CRDs, so
+# this is the InferencePool v1 schema written out from its Go API types
+# (sigs.k8s.io/gateway-api-inference-extension api/v1/inferencepool_types.go, shared_types.go,
+# v1.5.0): fields, required, enums, ranges, unknown fields rejected. The CEL rules (unique port
+# numbers; port required for a Service) are checked in test_inference_pool.
+_NAME = {"type": "string", "minLength": 1, "maxLength": 253}
+_PORT = {"type": "object", "additionalProperties": False, "required": ["number"],
+         "properties": {"number": {"type": "integer", "minimum": 1, "maximum": 65535}}}
+INFERENCE_POOL_V1_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "inference.networking.k8s.io/v1"},
+        "kind": {"const": "InferencePool"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object", "additionalProperties": False, "required": ["selector", "targetPorts"],
+            "properties": {
+                "selector": {
+                    "type": "object", "additionalProperties": False, "required": ["matchLabels"],
+                    "properties": {"matchLabels": {
+                        "type": "object", "minProperties": 1,
+                        "additionalProperties": {"type": "string", "maxLength": 63,
+                                                 "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}}}},
+                "targetPorts": {"type": "array", "minItems": 1, "maxItems": 8, "items": _PORT},
+                "appProtocol": {"enum": ["http", "kubernetes.io/h2c"]},
+                "endpointPickerRef": {
+                    "type": "object", "additionalProperties": False, "required": ["name"],
+                    "properties": {"group": {"type": "string", "maxLength": 253},
+                                   "kind": {"type": "string", "minLength": 1, "maxLength": 63},
+                                   "name": _NAME, "port": _PORT,
+                                   "failureMode": {"enum": ["FailOpen", "FailClose"]}}},
+            },
+        },
+        "status": {"type": "object"},
+    },
+}
+
+
+def _validate_inference_pool(doc: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(INFERENCE_POOL_V1_SCHEMA)
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+CUSTOM_RESOURCES = {
+    ("keda.sh/v1alpha1", "ScaledObject"): _validate_scaled_object,
+    ("inference.networking.k8s.io/v1", "InferencePool"): _validate_inference_pool,
+}
+
+
 # --------------------------------------------------------------------------- render + schema
 @pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
 def test_kustomize_builds(directory):
@@ -252,6 +334,10 @@ def test_validates_against_kubernetes_schemas(directory):
     errors = []
     for doc in _docs(directory):
         what = f"{doc['kind']}/{doc['metadata']['name']}"
+        custom = CUSTOM_RESOURCES.get((doc["apiVersion"], doc["kind"]))
+        if custom is not None:  # an add-on's CRD: not in Kubernetes' own schemas
+            errors += [f"{what}: {e}" for e in custom(doc)]
+            continue
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
@@ -591,3 +677,223 @@ def test_gpu_overlay():
         assert pvc["spec"]["accessModes"] == ["ReadOnlyMany"]
         image = _container(deploy)["image"]
         assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
+
+
+# --------------------------------------------------------------------------- autoscaling, routing
+# The engine's own gauges that KEDA (k8s/components/keda) and an inference gateway's endpoint
+# picker (k8s/components/inference-pool) read from the inference pods' --metrics-port.
+VLLM_SIGNALS = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                "vllm:lora_requests_info", "vllm:cache_config_info")
+
+
+def test_vllm_registers_the_signals():
+    """The names are the installed vLLM's (read from its stat logger, no engine started);
+    `make image-inference` scrapes them from a running engine."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None:
+        pytest.skip("vLLM is not installed here (make install-engine)")
+    loggers = Path(spec.origin).parent / "v1" / "metrics" / "loggers.py"
+    assert loggers.is_file(), f"vLLM's Prometheus stat logger moved from {loggers}: find the metric names anew"
+    names = set(re.findall(r'name\s*=\s*"(vllm:[a-z_]+)"', loggers.read_text()))
+    missing = sorted(set(VLLM_SIGNALS) - names)
+    assert not missing, f"vLLM {spec.origin} no longer registers {missing}"
+
+
+def test_keda_scales_inference_on_vllm_queue():
+    docs, deploys = _deployments("gpu-keda")
+    inference = deploys[INFERENCE]
+    scaled = _all(docs, "ScaledObject")
+    assert len(scaled) == 1, f"expected one ScaledObject, found {len(scaled)}"
+    so = scaled[0]
+    spec = so["spec"]
+    assert so["metadata"]["namespace"] == inference["metadata"]["namespace"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": INFERENCE}
+    # KEDA's HPA owns the replica count: no fixed one, no second HPA on the same Deployment.
+    assert "replicas" not in inference["spec"], "KEDA scales kimivl-inference: drop its fixed replicas"
+    assert not [h for h in _all(docs, "HorizontalPodAutoscaler")
+                if h["spec"]["scaleTargetRef"]["name"] == INFERENCE], "an HPA already scales the inference tier"
+    # Never to zero: a pod needs minutes to load the model.
+    low, high = spec["minReplicaCount"], spec["maxReplicaCount"]
+    assert 1 <= low <= high
+    assert low <= spec["fallback"]["replicas"] <= high
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    # KEDA accepts a fallback only for AverageValue triggers; AverageValue divides the query's
+    # value by the replica count, so the query must be the sum over pods.
+    assert trigger["metricType"] == "AverageValue"
+    meta = trigger["metadata"]
+    query = meta["query"]
+    m = re.fullmatch(r'\s*sum\s*\(\s*(vllm:[a-z_]+)\{([^}]*)\}\s*\)\s*', query)
+    assert m, f"query {query!r} is not sum(vllm:...{{...}})"
+    assert m.group(1) == "vllm:num_requests_waiting", query
+    matchers = dict(re.findall(r'([a-z_]+)="([^"]*)"', m.group(2)))
+    assert matchers.get("namespace") == inference["metadata"]["namespace"], (
+        f"query selects namespace {matchers.get('namespace')!r}, the inference tier is in "
+        f"{inference['metadata']['namespace']!r}")
+    assert float(meta["threshold"]) > 0
+    assert urlsplit(meta["serverAddress"]).scheme in ("http", "https")
+    # Scale-in drains streams; it must not undo a scale-out before a new pod could even start.
+    down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    startup = _container(inference)["startupProbe"]
+    assert down["stabilizationWindowSeconds"] >= 300
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    for overlay in ("cpu-dev", "gpu"):
+        assert not _all(_docs(f"overlays/{overlay}"), "ScaledObject"), f"{overlay}: KEDA is an add-on"
+
+
+def test_inference_pool():
+    docs, deploys = _deployments("gpu-gateway")
+    inference = deploys[INFERENCE]
+    _, inf_flags = _args(docs, inference)
+    (pool,) = _all(docs, "InferencePool")
+    spec = pool["spec"]
+    assert pool["metadata"]["namespace"] == inference["metadata"]["namespace"]
+    # The pool is exactly the inference pods, addressed on their gRPC port.
+    selector = {"matchLabels": spec["selector"]["matchLabels"]}
+    assert spec["selector"]["matchLabels"] == inference["spec"]["selector"]["matchLabels"]
+    others = [d for d in _all(docs, "Deployment") if d is not inference]
+    assert all(not _selects(selector, _pod_labels(d)) for d in others), "the pool selects non-inference pods"
+    numbers = [p["number"] for p in spec["targetPorts"]]
+    assert numbers == [int(inf_flags["--port"])], f"targetPorts {numbers} != inference --port"
+    assert len(set(numbers)) == len(numbers)
+    assert spec["appProtocol"] == "kubernetes.io/h2c", "kimivl.v1.InferenceService is gRPC (HTTP/2)"
+
+    # The endpoint picker: its Service's port reaches the EPP's ext-proc port.
+    ref = spec["endpointPickerRef"]
+    assert ref.get("kind", "Service") == "Service" and ref.get("port"), "a Service ref needs a port"
+    service = _one(docs, "Service", ref["name"])
+    (sp,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    epps = [d for d in _all(docs, "Deployment")
+            if _selects({"matchLabels": service["spec"]["selector"]}, _pod_labels(d))]
+    assert len(epps) == 1, f"Service {ref['name']} selects {len(epps)} Deployments"
+    epp = epps[0]
+    (container,) = epp["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    target = sp.get("targetPort", sp["port"])
+    assert (ports[target] if isinstance(target, str) else target) == ports["grpc"]
+    args = container["args"]
+    flags = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--") and not args[i + 1].startswith("--")}
+    assert flags["--pool-name"] == pool["metadata"]["name"]
+    assert flags.get("--pool-group", "inference.networking.k8s.io") == "inference.networking.k8s.io"
+    assert int(flags["--grpc-port"]) == ports["grpc"]
+    for kind in ("livenessProbe", "readinessProbe"):
+        assert container[kind]["grpc"]["port"] == int(flags["--grpc-health-port"]) == ports["grpc-health"]
+    # vLLM's gauges are on the metrics port, not the pool's target port (the EPP's default).
+    assert int(flags["--model-server-metrics-port"]) == int(inf_flags["--metrics-port"])
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]}
+    assert "--pool-namespace" in flags or env.get("NAMESPACE") == "metadata.namespace"
+
+    # Its config: mounted from the generated ConfigMap; every plugin it refers to is defined.
+    config_path = flags["--config-file"]
+    mount_path, volume, _ = _mount_for(epp, container, config_path)
+    configmap = _one(docs, "ConfigMap", volume["configMap"]["name"])
+    config = yaml.safe_load(configmap["data"][config_path[len(mount_path):].lstrip("/")])
+    assert config["kind"] == "EndpointPickerConfig"
+    defined = {p.get("name", p["type"]): p for p in config["plugins"]}
+    refs = [r["pluginRef"] for prof in config["schedulingProfiles"] for r in prof["plugins"]]
+    refs.append(config["parser"]["pluginRef"])
+    assert set(refs) <= set(defined), f"undefined plugins {set(refs) - set(defined)}"
+    # Our requests are kimivl.v1 protobuf, which only the passthrough parser accepts.
+    assert defined[config["parser"]["pluginRef"]]["type"] == "passthrough-parser"
+    source = [p for p in config["plugins"] if p["type"] == "metrics-data-source"]
+    annotations = inference["spec"]["template"]["metadata"]["annotations"]
+    assert source and source[0].get("parameters", {}).get("path", "/metrics") == annotations["prometheus.io/path"]
+
+    # It may read those metrics (NetworkPolicies add up), and it may watch the pool and the pods.
+    rules = [r for p in _all(docs, "NetworkPolicy") if _selects(p["spec"]["podSelector"], _pod_labels(inference))
+             for r in p["spec"].get("ingress") or []]
+    metrics_port = _port(_container(inference), "metrics")
+    assert any(any(_selects(peer.get("podSelector", {"matchLabels": {"-": "-"}}), _pod_labels(epp))
+                   for peer in r.get("from") or [])
+               and any(p.get("port") in ("metrics", metrics_port) for p in r.get("ports") or [])
+               for r in rules), "no NetworkPolicy lets the EPP read the inference metrics port"
+    account = epp["spec"]["template"]["spec"]["serviceAccountName"]
+    bound = [b["roleRef"]["name"] for b in _all(docs, "RoleBinding")
+             if any(s["kind"] == "ServiceAccount" and s["name"] == account for s in b["subjects"])]
+    granted = {(g, r) for role in _all(docs, "Role") if role["metadata"]["name"] in bound
+               for rule in role["rules"] if {"get", "list", "watch"} <= set(rule["verbs"])
+               for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {("", "pods"), ("inference.networking.k8s.io", "inferencepools")} <= granted, granted
+
+    # The namespace enforces the restricted Pod Security Standard; the EPP pod meets it too.
+    pod = epp["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert not _all(_docs("overlays/gpu"), "InferencePool"), "the inference gateway is an add-on"
+
+
+# Which image each container runs (docs/kubernetes.md, "Which image runs where"): the
+# preprocessing image has no torch, so everything that writes weights runs the inference one.
+IMAGES = {
+    "cpu-dev": {"kimivl-preprocess/preprocess": "kimivl-preprocess:dev",
+                "kimivl-preprocess/make-tiny-model": "kimivl-inference:dev-cpu",
+                "kimivl-inference/inference": "kimivl-inference:dev-cpu",
+                "kimivl-inference/make-tiny-model": "kimivl-inference:dev-cpu"},
+    "gpu": {"kimivl-preprocess/preprocess": "ghcr.io/kimivl/kimivl-preprocess:0.1.0",
+            "kimivl-inference/inference": "ghcr.io/kimivl/kimivl-inference:0.1.0-cuda"},
+}
+IMAGES["gpu-keda"] = IMAGES["gpu"]
+IMAGES["gpu-gateway"] = {**IMAGES["gpu"], "kimivl-inference-epp/epp":
+                         "registry.k8s.io/gateway-api-inference-extension/epp:v1.5.0"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_per_overlay(overlay):
+    found = {}
+    for deploy in _all(_docs(f"overlays/{overlay}"), "Deployment"):
+        pod = deploy["spec"]["template"]["spec"]
+        for c in pod["containers"] + (pod.get("initContainers") or []):
+            found[f"{deploy['metadata']['name']}/{c['name']}"] = c["image"]
+    assert found == IMAGES[overlay]
+
+
+# --------------------------------------------------------------------------- the OpenAI port and API keys
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_http_port_is_served_exposed_and_reachable(overlay):
+    """--http-port is the containerPort named http, the front door's Service forwards to it, and
+    the NetworkPolicy leaves it open like the gRPC port (it is the front door too)."""
+    docs, deploys = _deployments(overlay)
+    deploy = deploys[PREPROCESS]
+    container = _container(deploy)
+    _, flags = _args(docs, deploy)
+    assert "--http-port" in _cli_flags("serve", "preprocess")
+    assert int(flags["--http-port"]) == _port(container, "http") > 0
+    service = _one(docs, "Service", PREPROCESS)
+    http = [p for p in service["spec"]["ports"] if p["name"] == "http"]
+    assert len(http) == 1 and http[0]["targetPort"] in ("http", _port(container, "http"))
+    assert http[0].get("appProtocol") == "http"
+    labels = _pod_labels(deploy)
+    rules = [r for p in _all(docs, "NetworkPolicy") if _selects(p["spec"]["podSelector"], labels)
+             for r in p["spec"].get("ingress") or []]
+    open_rules = [r for r in rules if not r.get("from")]
+    assert any(p.get("port") in (_port(container, "http"), "http") for r in open_rules for p in r.get("ports") or []), (
+        "the NetworkPolicy does not open the http port")
+    # The probes stay on gRPC health, which the http port's /ready mirrors.
+    assert "--http-port" in flags and container["readinessProbe"]["grpc"]["port"] == int(flags["--port"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_api_keys_come_from_an_optional_secret(overlay):
+    """The kimivl-api-keys Secret is mounted read-only (optional, so an overlay without keys needs
+    none); --api-keys-file is empty (off) or a file inside that mount. gpu (production) requires
+    keys, and so do the overlays built on it (gpu-keda, gpu-gateway); cpu-dev does not."""
+    docs, deploys = _deployments(overlay)
+    deploy = deploys[PREPROCESS]
+    container = _container(deploy)
+    _, flags = _args(docs, deploy)
+    assert "--api-keys-file" in flags and "--api-keys-file" in _cli_flags("serve", "preprocess")
+    secrets = [(path, vol, ro) for path, vol, ro in _mounts(deploy, container)
+               if (vol.get("secret") or {}).get("secretName") == "kimivl-api-keys"]
+    assert len(secrets) == 1, "the kimivl-api-keys Secret is not mounted"
+    path, volume, read_only = secrets[0]
+    assert read_only and volume["secret"].get("optional") is True
+    keys_file = flags["--api-keys-file"] or ""
+    if keys_file:
+        assert _mount_for(deploy, container, keys_file)[0] == path, f"{keys_file} is not in the Secret's mount"
+        assert keys_file.rsplit("/", 1)[1] == "keys", "the Secret's entry is named keys (--from-file=keys=...)"
+    assert bool(keys_file) == overlay.startswith("gpu"), f"{overlay}: --api-keys-file {keys_file!r}"

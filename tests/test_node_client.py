@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import ROOT
+from conftest import ROOT, ServerProcess, free_port, tiny_model_dir
 from kimivl.client import Client
 
 NODE_DIR = ROOT / "clients" / "node"
@@ -94,3 +95,27 @@ def test_out_of_range_sampling_exits_3_with_invalid_argument(node_client, front_
 def test_bad_arguments_exit_2(node_client):
     proc = run_chat(node_client, "--max-tokens", "lots", "hello", timeout=60)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
+
+
+def test_api_key_from_the_option_or_the_environment(node_client, tmp_path):
+    """A front door with --api-keys-file: without a key the call is UNAUTHENTICATED; with it
+    (--api-key, or $KIMIVL_API_KEY) it gets past authentication to the absent inference tier."""
+    keys = tmp_path / "keys"
+    keys.write_text("node-key-1\n")
+    port = free_port()
+    srv = ServerProcess("preprocess-node-keys", ["preprocess", "--model", str(tiny_model_dir()), "--host", "127.0.0.1",
+                                                 "--port", str(port), "--metrics-port", "0", "--workers", "1",
+                                                 "--inference-target", f"127.0.0.1:{free_port()}",
+                                                 "--api-keys-file", str(keys)], port)
+    try:
+        srv.wait_serving(120)
+        env = {k: v for k, v in os.environ.items() if k != "KIMIVL_API_KEY"}
+        cases = [((), env, "UNAUTHENTICATED"), (("--api-key", "nope"), env, "UNAUTHENTICATED"),
+                 (("--api-key", "node-key-1"), env, "UNAVAILABLE"), ((), {**env, "KIMIVL_API_KEY": "node-key-1"},
+                                                                     "UNAVAILABLE")]
+        for args, case_env, code in cases:
+            proc = subprocess.run([node_client, str(CHAT_JS), "--target", srv.target, "--timeout-s", "30", *args,
+                                   "Hello"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=case_env)
+            assert proc.returncode == 3 and f"error: {code}" in proc.stderr, (args, proc.stderr)
+    finally:
+        srv.stop()

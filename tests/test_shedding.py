@@ -137,10 +137,17 @@ async def test_the_front_doors_channel_retries_a_shed_request_at_once_and_passes
         await client.close()
         await server.stop(0)
     assert len(attempts) == 3 and elapsed < 5, (len(attempts), elapsed)
-    code, details, trailers = client_status(e.value, target)
+    code, details, trailers = client_status(e.value, target)  # an errors.Status
     assert code == grpc.StatusCode.UNAVAILABLE
     assert details == "inference tier unavailable: this inference replica is at capacity; retry after 0.7 s"
-    assert dict(trailers) == {"retry-after-ms": "700", "grpc-retry-pushback-ms": "700"}
+    md = dict(trailers)
+    assert md["retry-after-ms"] == "700" and md["grpc-retry-pushback-ms"] == "700"
+    from google.rpc import error_details_pb2, status_pb2
+
+    packed = status_pb2.Status.FromString(md["grpc-status-details-bin"]).details
+    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    assert packed[0].Unpack(info) and info.reason == errors.Reason.OVERLOADED
+    assert packed[-1].Unpack(retry) and retry.retry_delay.ToMilliseconds() == 700
 
 
 async def test_after_a_shed_on_every_replica_the_front_door_refuses_new_chats_before_any_work(tiny_model):
@@ -175,3 +182,56 @@ async def test_after_a_shed_on_every_replica_the_front_door_refuses_new_chats_be
         await server.stop(0)
         pre.close()
         pool.close()
+
+
+async def _unavailable_tier(answer):
+    async def generate(request, context):
+        await answer(context)
+        return
+        yield  # pragma: no cover
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(INFERENCE_SERVICE, {
+        "Generate": grpc.unary_stream_rpc_method_handler(generate)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def _failed_call(target):
+    client = InferenceClient(target, 1 << 20)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in client.generate(b"", timeout_s=20):
+                pass
+        return e.value
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("own", [True, False])
+async def test_an_unavailable_inference_tier_is_relayed_only_in_its_own_words(own):
+    """The tier's own UNAVAILABLE (its google.rpc ErrorInfo, domain kimivl) is passed on with its
+    hint; any other (gRPC's, naming addresses, or a foreign server's) is logged, not shown."""
+    leak = "failed to connect to all addresses; last error: ipv4:10.1.2.3:50051: Connection refused"
+
+    async def answer(context):
+        if own:
+            errors.answer_with(context, grpc.StatusCode.UNAVAILABLE, "this replica is draining; retry on another",
+                               reason=errors.Reason.UNAVAILABLE, retry_after_s=0.1)
+        else:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(leak)
+
+    server, target = await _unavailable_tier(answer)
+    try:
+        s = client_status(await _failed_call(target), target)
+    finally:
+        await server.stop(0)
+    assert s.code == grpc.StatusCode.UNAVAILABLE and "10.1.2.3" not in s.details and target not in s.details
+    if own:
+        assert s.details == "inference tier unavailable: this replica is draining; retry on another"
+        assert errors.own_details(s.trailing_metadata) == (errors.Reason.UNAVAILABLE, pytest.approx(0.1))
+    else:
+        assert s.details == "inference tier unavailable; retry later"
+        assert errors.own_details(s.trailing_metadata) == (errors.Reason.UNAVAILABLE, pytest.approx(1.0))

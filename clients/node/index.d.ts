@@ -30,6 +30,10 @@ export interface Sampling {
   repetitionPenalty?: number;
   ignore_eos?: boolean;
   ignoreEos?: boolean;
+  frequency_penalty?: number;
+  frequencyPenalty?: number;
+  presence_penalty?: number;
+  presencePenalty?: number;
 }
 
 export type MetadataInit = grpc.Metadata | Record<string, string | Buffer | Array<string | Buffer>> | Array<[string, string | Buffer]>;
@@ -57,6 +61,8 @@ export interface CallOptions extends RequestOptions {
 }
 
 export interface ClientOptions {
+  /** The front door's API key, sent with every call as `authorization: Bearer <apiKey>`. */
+  apiKey?: string;
   /** Default: insecure. */
   credentials?: grpc.ChannelCredentials;
   /** TLS with the system roots (ignored when `credentials` is given). */

@@ -105,6 +105,8 @@ const SAMPLING_KEYS = {
   max_tokens: 'max_tokens', maxTokens: 'max_tokens', stop: 'stop', seed: 'seed',
   repetition_penalty: 'repetition_penalty', repetitionPenalty: 'repetition_penalty',
   ignore_eos: 'ignore_eos', ignoreEos: 'ignore_eos',
+  frequency_penalty: 'frequency_penalty', frequencyPenalty: 'frequency_penalty',
+  presence_penalty: 'presence_penalty', presencePenalty: 'presence_penalty',
 };
 
 function isBytes(x) {
@@ -239,12 +241,13 @@ function toMetadata(...sources) {
 class KimiVLClient {
   /**
    * @param {string} target host:port of the front door (default localhost:50051)
-   * @param {object} [options] credentials (grpc ChannelCredentials; default insecure), tls (true: TLS with
+   * @param {object} [options] apiKey (sent with every call as `authorization: Bearer <apiKey>`, the front
+   *   door's --api-keys-file), credentials (grpc ChannelCredentials; default insecure), tls (true: TLS with
    *   the system roots), metadata (sent with every call), deadlineMs (each call's deadline unless the call
    *   gives its own), protoDir (where kimivl/v1/*.proto are), channelOptions (extra grpc-js options)
    */
   constructor(target = 'localhost:50051', options = {}) {
-    const { credentials, tls, metadata, deadlineMs, protoDir, channelOptions } = options;
+    const { apiKey, credentials, tls, metadata, deadlineMs, protoDir, channelOptions } = options;
     this.target = target;
     this.proto = loadProtos(protoDir);
     const creds = credentials || (tls ? grpc.credentials.createSsl() : grpc.credentials.createInsecure());
@@ -253,7 +256,7 @@ class KimiVLClient {
     this.preprocessStub = new this.proto.PreprocessService(target, creds, {
       ...chOpts, channelOverride: this.chatStub.getChannel(),
     });
-    this.metadata = metadata;
+    this.metadata = apiKey ? toMetadata(metadata, { authorization: `Bearer ${apiKey}` }) : metadata;
     this.deadlineMs = deadlineMs;
   }
 

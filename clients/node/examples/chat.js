@@ -34,6 +34,7 @@ options:
   --no-thinking               do not stream thinking (it is still generated and counted)
   --timeout-s S               deadline for the whole call (default 600)
   --header KEY=VALUE          metadata sent with the call (repeatable)
+  --api-key KEY               the front door's API key (default: $KIMIVL_API_KEY)
   --tls                       TLS with the system's root certificates
   --proto-dir DIR             where kimivl/v1/*.proto are (default: the repository's protos/)
   --json                      one JSON object a line: deltas, then the result
@@ -45,7 +46,7 @@ class UsageError extends Error {}
 const VALUE_OPTIONS = {
   '--target': 'string', '--system': 'string', '--max-tokens': 'uint', '--temperature': 'number',
   '--top-p': 'number', '--top-k': 'uint', '--seed': 'uint', '--max-thinking-tokens': 'uint',
-  '--timeout-s': 'number', '--header': 'string', '--proto-dir': 'string',
+  '--timeout-s': 'number', '--header': 'string', '--proto-dir': 'string', '--api-key': 'string',
 };
 const FLAGS = ['--json', '--no-thinking', '--tls'];
 
@@ -220,7 +221,8 @@ async function main(argv) {
     return EXIT_USAGE;
   }
   const { opts } = parsed;
-  const client = new KimiVLClient(opts.target, { tls: !!opts.tls, protoDir: opts['proto-dir'] });
+  const apiKey = opts['api-key'] !== undefined ? opts['api-key'] : process.env.KIMIVL_API_KEY;
+  const client = new KimiVLClient(opts.target, { apiKey, tls: !!opts.tls, protoDir: opts['proto-dir'] });
   try {
     await run(client, parts, options, !!opts.json);
     return 0;

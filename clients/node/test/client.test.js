@@ -89,6 +89,31 @@ test('client and call metadata are sent', async (t) => {
   assert.equal(md['x-tenant'], 'a');
 });
 
+test('apiKey is sent as authorization: Bearer on chat and preprocess', async (t) => {
+  const seen = [];
+  const proto = require('..').loadProtos();
+  const srv = await startFakeServer((call) => {
+    seen.push(call.metadata.get('authorization'));
+    replay(DELTAS)(call);
+  });
+  srv.server.addService(proto.PreprocessService.service, {
+    Preprocess: (call, cb) => {
+      seen.push(call.metadata.get('authorization'));
+      cb(null, { prompt: { token_ids: [1] } });
+    },
+  });
+  t.after(() => srv.close());
+  const client = new KimiVLClient(srv.target, { apiKey: 'k-1', metadata: { 'x-tenant': 'a' } });
+  t.after(() => client.close());
+  await client.chat('x');
+  await client.preprocess('x');
+  assert.deepEqual(seen, [['Bearer k-1'], ['Bearer k-1']]);
+  const plain = new KimiVLClient(srv.target);
+  t.after(() => plain.close());
+  await plain.chat('x');
+  assert.deepEqual(seen[2], [], 'no apiKey, no authorization header');
+});
+
 test('UNAVAILABLE before the first response is retried', async (t) => {
   let attempts = 0;
   const srv = await startFakeServer((call) => {

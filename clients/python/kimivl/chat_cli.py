@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from rich.console import Console
 
 from kimivl.client import Client, KimiVLError, build_request
 
+API_KEY_ENV = "KIMIVL_API_KEY"
 EXIT_USAGE = 2
 EXIT_RPC = 3
 
@@ -65,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout-s", type=float, default=600.0, help="deadline for the whole call")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"the front door's API key, sent as authorization: Bearer KEY (default: ${API_KEY_ENV})")
     p.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                    help="metadata sent with the call, e.g. authorization=Bearer...")
     p.add_argument("--json", action="store_true", help="one JSON event a line")
@@ -109,7 +113,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as e:
         err.print(f"kimivl chat: {e}")
         return EXIT_USAGE
-    with Client(args.target, tls=args.tls, metadata=metadata, timeout_s=args.timeout_s) as client:
+    with Client(args.target, api_key=args.api_key, tls=args.tls, metadata=metadata,
+                timeout_s=args.timeout_s) as client:
         try:
             if args.json:
                 stream_json(client, request)

@@ -25,7 +25,7 @@ import grpc
 from kimivl.v1 import chat_pb2, chat_pb2_grpc, preprocess_pb2, preprocess_pb2_grpc, types_pb2
 
 __all__ = ["Client", "AsyncClient", "ChatEvent", "ChatResult", "KimiVLError", "InvalidArgument",
-           "ResourceExhausted", "Unavailable", "DeadlineExceeded", "Cancelled", "build_request"]
+           "ResourceExhausted", "Unavailable", "DeadlineExceeded", "Cancelled", "Unauthenticated", "build_request"]
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 PREPROCESS_SERVICE = preprocess_pb2.DESCRIPTOR.services_by_name["PreprocessService"].full_name
@@ -42,12 +42,44 @@ _ROLES = {"system": types_pb2.ROLE_SYSTEM, "user": types_pb2.ROLE_USER, "assista
 
 # ---------------------------------------------------------------------------- errors
 class KimiVLError(Exception):
-    """A failed RPC: ``code`` is the grpc.StatusCode, ``details`` the server's message."""
+    """A failed RPC: ``code`` is the grpc.StatusCode, ``details`` the server's message.
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    What programs read (the ``google.rpc`` details the servers attach): ``reason`` (a stable
+    code, e.g. ``LIMIT_EXCEEDED``, ``OVERLOADED``), ``field_violations`` (``[(field path,
+    description)]``), ``quota_violations`` (``[(subject, description)]``), ``retry_after_s`` (set
+    where retrying helps) and ``metadata`` (ErrorInfo's, e.g. ``{"field": ..., "limit": ...}``).
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata=()):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.reason: str | None = None
+        self.metadata: dict[str, str] = {}
+        self.field_violations: list[tuple[str, str]] = []
+        self.quota_violations: list[tuple[str, str]] = []
+        self.retry_after_s: float | None = None
+        for key, value in trailing_metadata or ():
+            if key == "grpc-status-details-bin":
+                self._read_details(value)
+
+    def _read_details(self, blob: bytes) -> None:
+        from google.rpc import error_details_pb2, status_pb2
+
+        for any_ in status_pb2.Status.FromString(blob).details:
+            for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.QuotaFailure,
+                         error_details_pb2.RetryInfo):
+                if any_.Is(kind.DESCRIPTOR):
+                    d = kind()
+                    any_.Unpack(d)
+                    if kind is error_details_pb2.ErrorInfo:
+                        self.reason, self.metadata = d.reason, dict(d.metadata)
+                    elif kind is error_details_pb2.BadRequest:
+                        self.field_violations += [(v.field, v.description) for v in d.field_violations]
+                    elif kind is error_details_pb2.QuotaFailure:
+                        self.quota_violations += [(v.subject, v.description) for v in d.violations]
+                    else:
+                        self.retry_after_s = d.retry_delay.ToNanoseconds() / 1e9
 
 
 class InvalidArgument(KimiVLError):
@@ -70,13 +102,21 @@ class Cancelled(KimiVLError):
     pass
 
 
+class Unauthenticated(KimiVLError):
+    """No API key, or not one the server knows (``api_key=``)."""
+
+
 _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
            grpc.StatusCode.UNAVAILABLE: Unavailable, grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-           grpc.StatusCode.CANCELLED: Cancelled}
+           grpc.StatusCode.CANCELLED: Cancelled, grpc.StatusCode.UNAUTHENTICATED: Unauthenticated}
 
 
 def _error(e: grpc.RpcError) -> KimiVLError:
-    return _ERRORS.get(e.code(), KimiVLError)(e.code(), e.details() or "")
+    try:
+        trailers = e.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - an error raised before any trailer arrived
+        trailers = ()
+    return _ERRORS.get(e.code(), KimiVLError)(e.code(), e.details() or "", trailers)
 
 
 # ---------------------------------------------------------------------------- results
@@ -200,21 +240,29 @@ def _credentials(tls: bool, root_certificates: bytes | None):
     return grpc.ssl_channel_credentials(root_certificates) if tls or root_certificates else None
 
 
+def _metadata(metadata: Iterable[tuple[str, str]], api_key: str | None) -> list[tuple[str, str]]:
+    md = list(metadata)
+    if api_key:
+        md.append(("authorization", f"Bearer {api_key}"))
+    return md
+
+
 # ---------------------------------------------------------------------------- clients
 class Client:
-    """Blocking client. ``metadata`` is sent with every call (e.g. an auth token);
-    ``timeout_s`` is each call's deadline unless a call gives its own."""
+    """Blocking client. ``api_key`` is sent with every call as ``authorization: Bearer KEY`` (the
+    front door's ``--api-keys-file``); ``metadata`` too (other headers); ``timeout_s`` is each
+    call's deadline unless a call gives its own."""
 
-    def __init__(self, target: str = "localhost:50051", *, tls: bool = False, root_certificates: bytes | None = None,
-                 metadata: Iterable[tuple[str, str]] = (), timeout_s: float | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, metadata: Iterable[tuple[str, str]] = (),
+                 timeout_s: float | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES):
         creds = _credentials(tls, root_certificates)
         opts = _channel_options(max_message_bytes)
         self.channel = (grpc.secure_channel(target, creds, options=opts) if creds
                         else grpc.insecure_channel(target, options=opts))
         self.chat_stub = chat_pb2_grpc.ChatServiceStub(self.channel)
         self.preprocess_stub = preprocess_pb2_grpc.PreprocessServiceStub(self.channel)
-        self.metadata = list(metadata)
+        self.metadata = _metadata(metadata, api_key)
         self.timeout_s = timeout_s
 
     def stream(self, content=None, *, timeout_s: float | None = None, metadata=(), request=None,
@@ -260,16 +308,16 @@ class Client:
 class AsyncClient:
     """asyncio client; same arguments as :class:`Client`."""
 
-    def __init__(self, target: str = "localhost:50051", *, tls: bool = False, root_certificates: bytes | None = None,
-                 metadata: Iterable[tuple[str, str]] = (), timeout_s: float | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, metadata: Iterable[tuple[str, str]] = (),
+                 timeout_s: float | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES):
         creds = _credentials(tls, root_certificates)
         opts = _channel_options(max_message_bytes)
         self.channel = (grpc.aio.secure_channel(target, creds, options=opts) if creds
                         else grpc.aio.insecure_channel(target, options=opts))
         self.chat_stub = chat_pb2_grpc.ChatServiceStub(self.channel)
         self.preprocess_stub = preprocess_pb2_grpc.PreprocessServiceStub(self.channel)
-        self.metadata = list(metadata)
+        self.metadata = _metadata(metadata, api_key)
         self.timeout_s = timeout_s
 
     async def stream(self, content=None, *, timeout_s: float | None = None, metadata=(), request=None,

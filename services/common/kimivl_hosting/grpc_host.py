@@ -19,10 +19,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from kimivl_contract import errors
+
 from .malformed import refuse_malformed
 from .memory import trim_after_large
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+DRAINING = "this replica is draining; retry on another"  # UNAVAILABLE's message (HTTP: 503)
 
 
 def base_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -50,7 +53,8 @@ class _Drain(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(self.prefixes):
             return handler
         if self.draining:
-            return _refusal(handler)
+            return refusal(handler, grpc.StatusCode.UNAVAILABLE, DRAINING, reason=errors.Reason.UNAVAILABLE,
+                           retry_after_s=0.1)
         return _counted(handler, self)
 
     def enter(self) -> None:
@@ -63,18 +67,24 @@ class _Drain(grpc.aio.ServerInterceptor):
             self.idle.set()
 
 
-def _refusal(handler):
-    async def refuse(request, context):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "this replica is draining; retry on another")
+def refusal(handler, code: grpc.StatusCode, details: str, *, reason: str, retry_after_s: float | None = None):
+    """A handler of ``handler``'s kind that answers ``code`` / ``details`` with the error details
+    (for interceptors). The request stays bytes (never parsed), and the status is set, not raised
+    (see errors.answer)."""
+    def refuse(request, context):
+        errors.answer_with(context, code, details, reason=reason, retry_after_s=retry_after_s)
+
+    async def refuse_unary(request, context):
+        refuse(request, context)
 
     async def refuse_stream(request, context):
-        await refuse(request, context)
+        refuse(request, context)
+        return
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
-                                                    handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, None, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(refuse_unary, None, handler.response_serializer)
 
 
 def _counted(handler, drain: _Drain):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
-from kimivl_contract.errors import client_message
+from kimivl_contract import errors
 
 
 class Malformed:
@@ -36,6 +36,10 @@ def _tolerant(deserializer):
     return parse
 
 
+def _refuse(context, request: Malformed) -> None:
+    errors.answer_with(context, grpc.StatusCode.INVALID_ARGUMENT, request.message, reason=errors.Reason.INVALID_ARGUMENT)
+
+
 def refuse_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """``handler`` with a deserializer that cannot raise, and a behaviour that answers malformed
     bytes INVALID_ARGUMENT (handlers without a deserializer are returned as they are)."""
@@ -47,7 +51,8 @@ def refuse_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
         async def stream(request, context):
             if isinstance(request, Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, client_message(request.message))
+                _refuse(context, request)
+                return
             async for msg in inner_stream(request, context):
                 yield msg
 
@@ -56,7 +61,7 @@ def refuse_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
     async def unary(request, context):
         if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, client_message(request.message))
+            return _refuse(context, request)
         return await inner_unary(request, context)
 
     return grpc.unary_unary_rpc_method_handler(unary, parse, handler.response_serializer)

@@ -48,6 +48,14 @@ def main(argv: list[str]) -> int:
         line(True, "vLLM", vllm.__version__)
     except Exception as e:  # a broken vLLM install raises more than ImportError
         line(False, "vLLM", f"{type(e).__name__}: {e}")
+    from .vision_fastpath import check, plugin_allowed
+
+    verdict = check()  # from the installed vLLM's source files, without importing them
+    state = "would be active" if verdict.ok else ("would be partly active" if verdict.active else "would be off")
+    if not plugin_allowed():
+        state = "would be off (VLLM_PLUGINS does not name kimivl)"
+    line(True if verdict.ok and plugin_allowed() else None, "vision fast path",
+         f"{state} in `kimivl serve inference`; {verdict.summary()}")
     cfg_path = os.path.join(a.model, "config.json")
     if not os.path.isfile(cfg_path):
         line(False, "model directory", f"{a.model} has no config.json")

@@ -41,6 +41,8 @@ def sampling_params(sampling, max_tokens: int):
         top_k=sampling.top_k if sampling.HasField("top_k") else 0,
         seed=sampling.seed if sampling.HasField("seed") else None,
         repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+        frequency_penalty=sampling.frequency_penalty if sampling.HasField("frequency_penalty") else 0.0,
+        presence_penalty=sampling.presence_penalty if sampling.HasField("presence_penalty") else 0.0,
         stop=list(sampling.stop) or None,
         ignore_eos=sampling.ignore_eos,
         max_tokens=max_tokens,
@@ -51,7 +53,7 @@ def sampling_params(sampling, max_tokens: int):
 
 async def generate(engine, engine_input, request, *, max_model_len: int, end_marker_ids: list[int],
                    image_tokens: int, stats: GenerationStats,
-                   arrived_s: float | None = None) -> AsyncIterator[inference_pb2.GenerateResponse]:
+                   arrived_s: float | None = None, trace_headers: dict | None = None) -> AsyncIterator[inference_pb2.GenerateResponse]:
     """Yield GenerateResponse messages: deltas, then one result. Timings count from
     ``arrived_s`` (``time.perf_counter()`` at the request's arrival; now if None)."""
     t0 = time.perf_counter() if arrived_s is None else arrived_s
@@ -74,7 +76,8 @@ async def generate(engine, engine_input, request, *, max_model_len: int, end_mar
         budget_hit = False
         # aclosing: leaving the loop early must close the engine's generator now (which
         # aborts the engine request), not whenever it is garbage-collected.
-        stream = engine.generate(current_input, params, f"{rid}-{attempt}" if attempt else rid)
+        stream = engine.generate(current_input, params, f"{rid}-{attempt}" if attempt else rid,
+                                 **({"trace_headers": trace_headers} if trace_headers else {}))
         async with aclosing(stream):
             async for out in stream:
                 if cached is None:

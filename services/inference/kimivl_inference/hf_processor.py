@@ -5,7 +5,7 @@ in the engine's worker, even when every request arrives already preprocessed. Mo
 checkpoint ships its processor as remote code (``auto_map`` + ``trust_remote_code``); a
 model directory without that code (the tiny test model) needs a processor registered in
 each of those processes, which is what the ``vllm.general_plugins`` entry point
-``kimivl = "kimivl_inference.hf_processor:register"`` does.
+``kimivl = "kimivl_inference.plugin:register"`` does (:mod:`kimivl_inference.plugin`).
 
 The image steps are those of Moonshot's ``KimiVLImageProcessor``, rendered in torch:
 

@@ -17,3 +17,6 @@ WAITING = Gauge("kimivl_requests_waiting", "Requests admitted, waiting for their
 ERRORS = Counter("kimivl_request_errors_total", "Failed requests by gRPC status code", ["code"])
 # vLLM may turn prefix caching off whatever was asked (e.g. MLA models on CPUs without AMX).
 PREFIX_CACHING = Gauge("kimivl_engine_prefix_caching", "1 when the engine's prefix cache is on")
+VISION_FASTPATH = Gauge("kimivl_vision_fastpath_active",
+                        "1 when the engine runs the project's vision fast path (--no-vision-fastpath turns it off)")
+WARMUP_SECONDS = Gauge("kimivl_warmup_seconds", "How long the start-up warm-up (--warmup-grids) took")

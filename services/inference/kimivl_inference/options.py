@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from kimivl_hosting.options import add_connection_arguments, add_server_tls_arguments, add_tracing_arguments
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -39,6 +41,30 @@ def lower_preset(preset: Preset) -> Preset | None:
 
 
 MAX_PREFILL_WINDOW_MS = 1000.0
+MAX_WARMUP_GRIDS = 16
+
+
+def parse_grids(text: str) -> list[tuple[int, int]]:
+    """``"74x74,86x116"`` -> [(74, 74), (86, 116)]; ``none``, ``0`` or empty -> []."""
+    text = text.strip().lower()
+    if text in ("", "0", "none", "off"):
+        return []
+    grids = []
+    for part in text.split(","):
+        h, sep, w = part.strip().partition("x")
+        if not sep or not h.isdigit() or not w.isdigit() or int(h) < 2 or int(w) < 2 or int(h) % 2 or int(w) % 2:
+            raise ValueError(f"{part.strip()!r} is not HxW with even sides of at least 2 patches (e.g. 74x74)")
+        grids.append((int(h), int(w)))
+    if len(grids) > MAX_WARMUP_GRIDS:
+        raise ValueError(f"{len(grids)} grids; at most {MAX_WARMUP_GRIDS}")
+    return grids
+
+
+def _warmup_grids(text: str) -> list[tuple[int, int]]:
+    try:
+        return parse_grids(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _non_negative_int(text: str) -> int:
@@ -54,6 +80,13 @@ def _prefill_window_ms(text: str) -> float:
     # group fills a whole engine step: refuse both rather than hang callers.
     if not 0 <= value <= MAX_PREFILL_WINDOW_MS:
         raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_PREFILL_WINDOW_MS:g} ms, got {text}")
+    return value
+
+
+def _posemb_cache_mb(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 65536:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65536 MiB, got {text}")
     return value
 
 
@@ -106,6 +139,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="admission: image tensor memory held by requests (as received plus the engine's copy); "
                         "past it a request is refused at once (0 = a quarter of the memory this process may use, "
                         "its cgroup limit in a container)")
+    p.add_argument("--no-vision-fastpath", action="store_true",
+                   help="run vLLM's Kimi-VL vision path stock. By default the engine's processes get the "
+                        "project's exact fast path (no per-layer GPU sync in MoonViT, cached position "
+                        "embeddings, raw 8-bit patches normalized on the device), where the installed vLLM is "
+                        "one it was written for; the start-up log, kimivl_vision_fastpath_active and "
+                        "`kimivl doctor` say whether it is on")
+    p.add_argument("--posemb-cache-mb", type=_posemb_cache_mb, default=512.0,
+                   help="GPU memory for MoonViT's interpolated position embeddings, one entry per image grid "
+                        "(a 1024x1024 photo's is 12.6 MB), least recently used out; outside vLLM's memory "
+                        "profile, so leave it room (0 = no cache)")
+    p.add_argument("--warmup-grids", type=_warmup_grids, default="74x74,86x116",
+                   help="image grids (HxW, in 14-pixel patches) run through the engine before the tier reports "
+                        "SERVING, so kernels compile and caches fill before real traffic; the default covers "
+                        "1024x1024 photos and 1600x1200 documents. none = no warm-up")
     p.add_argument("--log-stats-interval-s", type=float, default=10.0,
                    help="log vLLM's engine stats (running/waiting requests, throughput, KV cache use) this often, "
                         "as `vllm serve` does (0 = off)")
+    add_server_tls_arguments(p, who="give the CA that signs the front doors' client certificates, so that only "
+                                    "they reach this internal tier")
+    # Clients only re-resolve DNS when a connection ends: cycling connections lets the front door
+    # discover inference pods added by a scale-up; streams in flight get the grace to finish.
+    add_connection_arguments(p, age_s=300.0, age_grace_s=3600.0)
+    add_tracing_arguments(p)

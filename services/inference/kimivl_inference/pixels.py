@@ -25,6 +25,8 @@ class PixelNormalizer:
         import torch
 
         self.dtype = dtype
+        # What makes the same bytes different model input: part of a uint8 tensor's identity.
+        self.fingerprint = f"normalize:{tuple(mean)}/{tuple(std)}->{dtype}:".encode()
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         expected = torch.from_numpy(normalized_values(mean, std)).to(dtype)  # (3, 256)

@@ -12,33 +12,33 @@ import logging
 import os
 import time
 
+from kimivl_hosting import tracing
 from kimivl_hosting.grpc_host import GrpcHost
+from kimivl_hosting.options import connection_options
+from kimivl_hosting.tls import server_tls
 
+from . import metrics
 from .servicer import INFERENCE_SERVICE, InferenceServicer, handlers
+from .vision_fastpath import configure_engine_processes
 from .vllm_engine import start_engine
+from .warmup import warm_up
 
 log = logging.getLogger("kimivl.inference")
 MiB = 1 << 20
 
-# Clients only re-resolve DNS when a connection ends: cycling connections lets the front door
-# discover inference pods added by a scale-up. Streams in flight get the grace period (long
-# generations) to finish.
-CONNECTION_AGE_OPTIONS = [
-    ("grpc.max_connection_age_ms", 5 * 60_000),
-    ("grpc.max_connection_age_grace_ms", 60 * 60_000),
-]
-
-
 async def serve(args) -> int:
+    tracing.configure("kimivl-inference", args.otlp_traces_endpoint)
+    tls = server_tls(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
     host = GrpcHost([INFERENCE_SERVICE], max_message_bytes=args.max_message_mb * MiB,
-                    options=CONNECTION_AGE_OPTIONS)
+                    options=connection_options(args))
     servicer = InferenceServicer(args.prefill_window_ms / 1e3, budget_options=dict(
         max_waiting=args.max_waiting, max_queued=args.max_queued, max_queue_wait_s=args.max_queue_wait_s,
         max_tensor_mb=args.max_tensor_mb))
     host.add_handlers(INFERENCE_SERVICE, handlers(servicer))
-    bound = host.bind(args.host, args.port)
+    bound = host.bind(args.host, args.port, tls.credentials() if tls else None)
     await host.start(serving=False, metrics_port=args.metrics_port)
-    log.info("inference tier listening on %s:%d; starting the engine", args.host, bound)
+    log.info("inference tier listening on %s:%d (%s); starting the engine", args.host, bound,
+             "plaintext" if tls is None else "mutual TLS" if tls.client_ca_file else "TLS")
 
     exit_code = 0
 
@@ -54,7 +54,7 @@ async def serve(args) -> int:
     engine = None
     if start in done:
         try:
-            engine, tokenizer, preset = start.result()
+            engine, tokenizer, preset, fastpath = start.result()
         except Exception:
             log.exception("the engine failed to start")
             exit_code = 1
@@ -66,6 +66,17 @@ async def serve(args) -> int:
                 info = await engine.collective_rpc(reinit_dummy_weights, args=(args.seed,))
                 log.info("dummy weights re-initialised: %s", info)
             servicer.attach(engine, tokenizer, args.limit_mm_per_prompt)
+            servicer.engine_traces = bool(args.otlp_traces_endpoint) and bool(getattr(
+                getattr(getattr(engine, "vllm_config", None), "observability_config", None), "otlp_traces_endpoint", None))
+            cc = getattr(getattr(engine, "vllm_config", None), "compilation_config", None)
+            # vLLM's encoder CUDA graphs look for "pixel_values" by name: no raw patches for them
+            servicer.raw_pixels = fastpath.raw_pixels and not getattr(cc, "cudagraph_mm_encoder", False)
+            metrics.VISION_FASTPATH.set(int(fastpath.active))
+            log.info("vision fast path %s", fastpath.detail)
+            if args.warmup_grids and not await _warm_up(servicer, tokenizer, args, engine):
+                exit_code = 1
+                host.stop.set()
+        if not exit_code and not host.stop.is_set():
             await host.set_serving(True)
             log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s, prefix caching %s, "
                      "torch threads here %d, prefill window %s, admission: %d waiting, %d queued, %.0f MiB of tensors);"
@@ -90,21 +101,41 @@ async def serve(args) -> int:
         # AsyncLLM.__del__ calls shutdown() again, at interpreter teardown when its module
         # globals are gone, and prints a spurious traceback: it has already run.
         engine.shutdown = lambda *a, **k: None
-    elif not start.done():
+    tracing.shutdown()  # flush what is buffered
+    if engine is None and not start.done():
         os._exit(exit_code or 0)  # interrupted mid-start: the engine thread can't be joined cleanly
     return exit_code
+
+
+async def _warm_up(servicer, tokenizer, args, engine) -> bool:
+    """The start-up warm-up, before SERVING; False if the engine failed it."""
+    grids = ", ".join(f"{h}x{w}" for h, w in args.warmup_grids)
+    log.info("warm-up: grids %s", grids)
+    try:
+        report = await warm_up(servicer, tokenizer, args.warmup_grids, args.max_num_batched_tokens or getattr(
+            getattr(getattr(engine, "vllm_config", None), "scheduler_config", None), "max_num_batched_tokens", None))
+    except Exception:
+        log.exception("the warm-up failed: the engine cannot serve these images%s",
+                      "" if args.no_vision_fastpath else " (try --no-vision-fastpath)")
+        return False
+    metrics.WARMUP_SECONDS.set(report.seconds)
+    log.info("warm-up done: %d requests in %.1f s%s", report.requests, report.seconds,
+             f" (skipped {', '.join(report.skipped)})" if report.skipped else "")
+    return True
 
 
 def _start(args):
     from transformers import AutoTokenizer
 
+    # Before the engine args are made: vLLM runs its plugins (ours reads this environment) from then on.
+    fastpath = configure_engine_processes(not args.no_vision_fastpath, args.posemb_cache_mb)
     engine, preset = start_engine(args)
     if args.torch_threads > 0:  # after the engine core process exists: it keeps its own thread count
         import torch
 
         torch.set_num_threads(args.torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
-    return engine, tokenizer, preset
+    return engine, tokenizer, preset, fastpath
 
 
 def _torch_threads() -> int:

@@ -13,13 +13,14 @@ import uuid
 
 import grpc
 
-from kimivl.v1 import inference_pb2
+from kimivl.v1 import inference_pb2, types_pb2
 from kimivl_contract import errors
 from kimivl_contract.errors import RequestError
 from kimivl_contract.limits import check_context, check_sampling
 from kimivl_contract.prepared import PromptLimits, check_prepared_prompt
 from kimivl_contract.processor import ProcessorConfig
 from kimivl_contract.tokens import IMAGE_PAD
+from kimivl_hosting import tracing
 
 from . import metrics
 from .admission import PrefillGrouper
@@ -50,8 +51,10 @@ class InferenceServicer:
         self.end_marker_ids: list[int] = []
         self.model_dtype = None
         self.normalizer: PixelNormalizer | None = None
+        self.raw_pixels = False  # hand uint8 patches to the engine (the vision fast path normalizes them)
         self.prefix_caching = False
         self.on_engine_dead = None
+        self.engine_traces = False  # vLLM was given an OTLP endpoint (it then takes trace_headers)
 
     def attach(self, engine, tokenizer, limit_mm: int):
         mc = engine.model_config
@@ -74,6 +77,12 @@ class InferenceServicer:
                                                      **self.budget_options)
         self.engine = engine
 
+    def _trace_headers(self, span) -> dict | None:
+        """The engine's own request span joins the trace when vLLM traces too (same endpoint)."""
+        if span is None or not self.engine_traces:
+            return None
+        return dict(tracing.headers(span))
+
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         arrived = time.perf_counter()
         code = None
@@ -81,50 +90,63 @@ class InferenceServicer:
         metrics.WAITING.inc()
         state = "waiting"
         held = []  # admission permits, released at the first token (waiting) and at the end
+        span = tracing.start(f"{INFERENCE_SERVICE}/Generate", kind="server",
+                             parent=tracing.extract(context.invocation_metadata() or ())) if tracing.enabled else None
         try:
             if self.engine is None:
                 raise EngineNotReady()
             check_sampling(request.sampling, request.thinking)
             # Admission before the tensors are read or copied (vLLM's input needs both).
             itemsize = getattr(self.model_dtype, "itemsize", 2)
-            held.append(await self.budgets.tensors.acquire(tensor_bytes(request.prompt, itemsize)))
-            waiting = await self.budgets.waiting.acquire()
-            held.append(waiting)
+            with tracing.child("admission", span):
+                held.append(await self.budgets.tensors.acquire(tensor_bytes(request.prompt, itemsize)))
+                waiting = await self.budgets.waiting.acquire()
+                held.append(waiting)
             # Headers now, not with the first token: the front door's upload gate takes them as
             # "received". Not before the UNAVAILABLEs above: headers commit the call, and gRPC
             # would no longer retry it on another replica.
             await context.send_initial_metadata(())
-            tensor_data: list[bytes] = []
-            image_tokens = check_prepared_prompt(request.prompt, self.limits, tensor_data=tensor_data)
-            n = len(request.prompt.token_ids)
-            check_context(n, request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None,
-                          self.limits.max_model_len)
+            with tracing.child("validate", span):
+                tensor_data: list[bytes] = []
+                image_tokens = check_prepared_prompt(request.prompt, self.limits, tensor_data=tensor_data)
+                n = len(request.prompt.token_ids)
+                check_context(n, request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None,
+                              self.limits.max_model_len)
+            tracing.set_attributes(span, prompt_tokens=n, images=len(request.prompt.images), image_tokens=image_tokens)
             if not request.request_id:
                 request.request_id = uuid.uuid4().hex
-            if request.prompt.images:  # tensor work (uint8 normalization) off the event loop
-                engine_input = await asyncio.to_thread(build_engine_input, request.prompt, self.model_dtype,
-                                                       self.normalizer, tensor_data)
-            else:
-                engine_input = build_engine_input(request.prompt, self.model_dtype)
+            with tracing.child("engine_input", span):
+                if request.prompt.images:  # tensor work (identity, normalization) off the event loop
+                    engine_input = await asyncio.to_thread(build_engine_input, request.prompt, self.model_dtype,
+                                                           self.normalizer, tensor_data, self.raw_pixels)
+                else:
+                    engine_input = build_engine_input(request.prompt, self.model_dtype)
             if request.prompt.images and self.grouper.enabled:
-                metrics.PREFILL_HOLD.observe(await self.grouper.admit(n, engine_busy=self.in_engine > 0))
+                with tracing.child("admission.prefill_window", span):
+                    metrics.PREFILL_HOLD.observe(await self.grouper.admit(n, engine_busy=self.in_engine > 0))
             last = None
             self.in_engine += 1
+            gen = tracing.start("engine.generate", parent=span)
             try:
                 async for msg in generate(self.engine, engine_input, request, max_model_len=self.limits.max_model_len,
                                           end_marker_ids=self.end_marker_ids, image_tokens=image_tokens, stats=stats,
-                                          arrived_s=arrived):
+                                          arrived_s=arrived, trace_headers=self._trace_headers(gen)):
                     if state == "waiting" and stats.first_token_s is not None:
                         waiting.release()
                         metrics.WAITING.dec()
                         metrics.RUNNING.inc()
                         state = "running"
                         metrics.TTFT.observe(stats.first_token_s)
+                        tracing.add_event(gen, "first_token")
                     last = msg
                     yield msg
             finally:
                 self.in_engine -= 1
+                tracing.end(gen)
             u = last.result.usage
+            tracing.set_attributes(span, cached_prompt_tokens=u.cached_prompt_tokens, thinking_tokens=u.thinking_tokens,
+                                   answer_tokens=u.answer_tokens,
+                                   finish_reason=types_pb2.FinishReason.Name(last.result.finish_reason))
             metrics.THINKING_TOKENS.inc(u.thinking_tokens)
             metrics.ANSWER_TOKENS.inc(u.answer_tokens)
             times = stats.token_times
@@ -135,7 +157,8 @@ class InferenceServicer:
             errors.answer(context, e, pushback="now")  # shed: the front door tries the next replica at once
         except EngineNotReady:
             code = grpc.StatusCode.UNAVAILABLE
-            errors.set_status(context, code, "the engine is still starting; retry when health reports SERVING")
+            errors.answer_with(context, code, "the engine is still starting; retry when health reports SERVING",
+                               reason=errors.Reason.UNAVAILABLE, retry_after_s=5.0)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED  # the consumer left: vLLM aborts the request on cancel
             raise
@@ -146,14 +169,16 @@ class InferenceServicer:
                 code = grpc.StatusCode.UNAVAILABLE
                 if self.on_engine_dead:
                     self.on_engine_dead()
-                errors.set_status(context, code, "the inference engine died; this replica is restarting")
+                errors.answer_with(context, code, "the inference engine died; this replica is restarting",
+                                   reason=errors.Reason.UNAVAILABLE, retry_after_s=1.0)
             else:
                 log.exception("request %s failed", request.request_id)
                 code = grpc.StatusCode.INTERNAL
-                errors.set_status(context, code, f"internal error: {type(e).__name__}")
+                errors.answer_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
             for permit in held:
                 permit.release()
+            tracing.end(span, (code or grpc.StatusCode.OK).name)
             (metrics.WAITING if state == "waiting" else metrics.RUNNING).dec()
             if code is not None:
                 metrics.ERRORS.labels(code.name).inc()

@@ -211,7 +211,7 @@ meaningless, but deterministic and dependent on the image.
   plain text (several tokens each), as in Kimi's tokenizer.
 - max_position_embeddings {max_pos}; weights bfloat16, N(0, 1/fan_in), norms 1, biases 0.
 - No processor code here: `preprocessor_config.json` names `KimiVLProcessor`, which the
-  `kimivl` vLLM plugin (`kimivl_inference.hf_processor:register`) registers.
+  `kimivl` vLLM plugin (`kimivl_inference.plugin:register`) registers.
 
 model.safetensors sha256: {sha}
 """

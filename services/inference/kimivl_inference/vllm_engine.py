@@ -42,6 +42,8 @@ def engine_args(args, preset: Preset | None):
         else preset and preset.gpu_memory_utilization,
         "swap_space": args.swap_space if args.swap_space is not None else preset and preset.swap_space_gb,
         "max_num_batched_tokens": args.max_num_batched_tokens,
+        # vLLM then traces its own request spans, under ours (trace_headers), to the same collector.
+        "otlp_traces_endpoint": getattr(args, "otlp_traces_endpoint", None),
     }
     for name, value in chosen.items():
         if value is None:

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from kimivl.v1 import chat_pb2
+from kimivl.v1 import chat_pb2, types_pb2
+from kimivl_contract import errors
 from kimivl_contract.limits import check_sampling
+from kimivl_hosting import tracing
 
 from . import metrics
 from .codec import generate_request
-from .inference_client import InferenceClient, ShedWindow
+from .inference_client import InferenceClient, ShedWindow, client_status
 from .pipeline import Prepared, Preprocessor
 from .uploads import UploadGate
 
@@ -32,6 +34,7 @@ class ChatStart:
     prepared: Prepared
     request_id: str
     arrived_s: float  # time.perf_counter() at arrival
+    span: object = None  # the transport's server span (kimivl_hosting.tracing), None when off
 
 
 class ChatFlow:
@@ -43,16 +46,25 @@ class ChatFlow:
         self.uploads = uploads or UploadGate(0)
         self.shed_window = shed_window or ShedWindow()
 
-    async def prepare(self, request: chat_pb2.ChatRequest, arrived_s: float | None = None) -> ChatStart:
-        """Check the options and build the prompt (RequestError for bad input)."""
+    async def prepare(self, request: chat_pb2.ChatRequest, arrived_s: float | None = None,
+                      span=None) -> ChatStart:
+        """Check the options and build the prompt (RequestError for bad input). ``span``: the
+        transport's server span, parent of this chat's spans."""
         arrived_s = time.perf_counter() if arrived_s is None else arrived_s
         check_sampling(request.sampling, request.thinking)
         self.shed_window.check()  # the inference tier is shedding: refuse before any work
         max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
-        with metrics.PREPROCESS_SECONDS.time():
-            prepared = await self.pre.prepare(request, self.wire_dtype, max_tokens=max_tokens)
+        with metrics.PREPROCESS_SECONDS.time(), tracing.child("preprocess", span) as ps:
+            prepared = await self.pre.prepare(request, self.wire_dtype, max_tokens=max_tokens, span=ps)
+            tracing.set_attributes(ps, images=prepared.prompt.images)
         metrics.IMAGES.inc(prepared.prompt.images)
-        return ChatStart(prepared, request.request_id or uuid.uuid4().hex, arrived_s)
+        rid = request.request_id or uuid.uuid4().hex
+        tracing.set_attributes(span, request_id=rid, images=prepared.prompt.images)
+        return ChatStart(prepared, rid, arrived_s, span)
+
+    def upstream_status(self, e: grpc.aio.AioRpcError) -> errors.Status:
+        """What a client is told of the inference tier's error ``e`` (every port says the same)."""
+        return client_status(e, self.inference.target)
 
     async def stream(self, start: ChatStart, request: chat_pb2.ChatRequest,
                      timeout_s: float | None) -> AsyncIterator[bytes | chat_pb2.ChatResponse]:
@@ -62,25 +74,43 @@ class ChatFlow:
         message = [generate_request(start.prepared.prompt, sampling=request.sampling, thinking=request.thinking,
                                     request_id=start.request_id)]
         start.prepared.prompt.release()  # the tensors now live in the message only
-        with metrics.UPLOAD_SECONDS.time():
+        gen = tracing.start("inference.Generate", parent=start.span, kind="client")
+        with metrics.UPLOAD_SECONDS.time(), tracing.child("inference.upload", start.span):
             # pop: the call holds the bytes while it may retry; a stream of minutes need not hold them too
-            call = await self.uploads.start(lambda: self.inference.generate(message.pop(), timeout_s))
+            call = await self.uploads.start(
+                lambda: self.inference.generate(message.pop(), timeout_s, tracing.headers(gen)))
         first = True
+        code = "CANCELLED"
         try:
-            try:
-                async for raw in call:
-                    if first:
-                        metrics.CHAT_TTFT.observe(time.perf_counter() - start.arrived_s)
-                        first = False
-                    if raw[:1] == bytes([RESULT_TAG]):
-                        yield with_front_door_timings(raw, start.prepared.preprocess_ms, start.arrived_s)
-                    else:
-                        yield raw
-            except grpc.aio.AioRpcError as e:
-                self.shed_window.observe(e)
-                raise
+            async for raw in call:
+                if first:
+                    metrics.CHAT_TTFT.observe(time.perf_counter() - start.arrived_s)
+                    tracing.add_event(gen, "first_token")
+                    first = False
+                if raw[:1] == bytes([RESULT_TAG]):
+                    result = with_front_door_timings(raw, start.prepared.preprocess_ms, start.arrived_s)
+                    _trace_result(start.span, result.result)
+                    code = "OK"
+                    yield result
+                else:
+                    yield raw
+        except grpc.aio.AioRpcError as e:
+            code = e.code().name
+            self.shed_window.observe(e)
+            raise
         finally:
             call.cancel()  # no-op once finished; aborts the engine request if the client left
+            tracing.end(gen, code)
+
+
+def _trace_result(span, result) -> None:
+    if span is None:
+        return
+    u = result.usage
+    tracing.set_attributes(span, prompt_tokens=u.prompt_tokens, cached_prompt_tokens=u.cached_prompt_tokens,
+                           image_tokens=u.image_tokens, thinking_tokens=u.thinking_tokens,
+                           answer_tokens=u.answer_tokens, ttft_ms=round(result.timings.time_to_first_token_ms, 1),
+                           finish_reason=types_pb2.FinishReason.Name(result.finish_reason))
 
 
 def with_front_door_timings(raw: bytes, preprocess_ms: float, arrived_s: float) -> chat_pb2.ChatResponse:

@@ -1,5 +1,5 @@
 """Tensor codec: processed images to the wire (kimivl.v1.PreparedPrompt and the messages
-that carry it), and the identity of tensors received from clients.
+that carry it).
 
 Patch tensors are megabytes. Setting them into protobuf messages copies them at every level
 (Tensor, PreparedImage, PreparedPrompt, then the enclosing request), and the Python upb
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import blake3
 import numpy as np
 
 from kimivl.v1 import inference_pb2, preprocess_pb2, types_pb2
@@ -79,16 +78,3 @@ def generate_request(prompt: PromptWire, **fields) -> bytes:
 def preprocess_response(prompt: PromptWire, **fields) -> bytes:
     """A serialized PreprocessResponse: ``prompt`` plus the other fields."""
     return b"".join([*_field(1, prompt.chunks), preprocess_pb2.PreprocessResponse(**fields).SerializeToString()])
-
-
-def tensor_content_hash(image: types_pb2.PreparedImage, data: bytes | None = None) -> str:
-    """Identity of an image received as a tensor: its bytes, dtype and grid.
-
-    Used for client-supplied prepared prompts, whose own hashes are not trusted (a wrong
-    one would let a request read another image's cached encoder output). ``data``: the
-    tensor's bytes if already read (each read of a bytes field copies it).
-    """
-    t = image.pixel_values
-    h = blake3.blake3(f"{dtypes.BY_PROTO[t.dtype].name}:{image.grid_height}x{image.grid_width}:".encode())
-    h.update(t.data if data is None else data)
-    return "kimivl-tensor:" + h.hexdigest()

@@ -36,9 +36,10 @@ SERVICE_CONFIG = {
 class InferenceClient:
     """``generate(request_bytes, timeout_s)``: a started call streaming raw GenerateResponse bytes."""
 
-    def __init__(self, target: str, max_message_bytes: int):
+    def __init__(self, target: str, max_message_bytes: int, *, credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None):
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=[
+        options = [
             ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
             ("grpc.enable_retries", 1),
             # Retries replay the buffered request; image requests are MBs, above the 256 KiB default.
@@ -51,32 +52,45 @@ class InferenceClient:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.dns_min_time_between_resolutions_ms", 5_000),
-        ])
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
+                        else grpc.aio.insecure_channel(target, options=options))
         self._generate = self.channel.unary_stream(f"/{INFERENCE_SERVICE}/Generate", request_serializer=None,
                                                    response_deserializer=None)
 
-    def generate(self, request: bytes, timeout_s: float | None):
-        return self._generate(request, timeout=timeout_s, wait_for_ready=False)
+    def generate(self, request: bytes, timeout_s: float | None, metadata=()):
+        """``metadata``: e.g. the trace context (traceparent) for the inference tier."""
+        return self._generate(request, timeout=timeout_s, metadata=metadata or None, wait_for_ready=False)
 
     async def close(self) -> None:
         await self.channel.close()
 
 
-def client_status(error: grpc.aio.AioRpcError, target: str) -> tuple[grpc.StatusCode, str, tuple]:
-    """How a failed inference call is answered to the front door's client: (code, message,
-    trailing metadata). UNAVAILABLE never names internal addresses (gRPC's own details list
-    them; they are logged instead) and passes on the inference tier's retry hint."""
+def client_status(error: grpc.aio.AioRpcError, target: str) -> errors.Status:
+    """How a failed inference call is answered to the front door's client. UNAVAILABLE never
+    names internal addresses: gRPC's own details list them, so only the tier's own messages (its
+    google.rpc ErrorInfo says so) are passed on, others are logged; the tier's retry hint is
+    passed on. Other codes are the inference tier's own status, its
+    google.rpc details included (it validated what we did not)."""
     code = error.code()
     details = error.details() or ""
+    trailers = tuple(error.trailing_metadata() or ())
     if code != grpc.StatusCode.UNAVAILABLE:
-        return code, errors.client_message(details), ()
-    hint = errors.retry_after_s(error.trailing_metadata())
+        return errors.Status(code, errors.clip(details), tuple((k, v) for k, v in trailers if k == errors.DETAILS_KEY))
+    hint = errors.retry_after_s(trailers)
     if hint is not None:  # the tier shed the request (at capacity): its reason (our own words), its hint
         reason = details.rsplit("; retry after", 1)[0] or "at capacity"
         shed = errors.Overloaded(f"inference tier unavailable: {reason}", retry_after_s=hint)
-        return code, str(shed), shed.trailing_metadata(pushback="hint")
-    log.warning("inference tier %s unavailable: %s", target, errors.client_message(details, 300))
-    return code, "inference tier unavailable; retry later", ()
+        return errors.status_of(shed, pushback="hint")
+    own = errors.own_details(trailers)
+    if own is not None:  # the tier's own words (draining, starting, its engine died): no addresses in them
+        return errors.status(code, f"inference tier unavailable: {details}", reason=own[0],
+                             retry_after_s=own[1] if own[1] is not None else 1.0)
+    log.warning("inference tier %s unavailable: %s", target, errors.clip(details, 300))
+    return errors.status(code, "inference tier unavailable; retry later", reason=errors.Reason.UNAVAILABLE,
+                         retry_after_s=1.0)
 
 
 class ShedWindow:

@@ -13,3 +13,5 @@ UPLOAD_SECONDS = Histogram("kimivl_preprocess_upload_seconds",
                            buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5))
 CHAT_TTFT = Histogram("kimivl_chat_time_to_first_token_seconds", "Chat: arrival to first relayed token",
                       buckets=(.025, .05, .1, .25, .5, 1, 2, 4, 8, 16, 32))
+HTTP_REQUESTS = Counter("kimivl_preprocess_http_requests_total", "OpenAI-port HTTP requests by route and status",
+                        ["route", "status"])

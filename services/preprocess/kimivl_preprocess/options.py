@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kimivl_hosting.options import add_connection_arguments, add_server_tls_arguments, add_tracing_arguments
+
 MiB = 1 << 20
 
 
@@ -63,8 +65,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "NAT64/6to4 forms of those, ...); refused by default")
     p.add_argument("--url-timeout-s", type=float, default=10.0)
     p.add_argument("--url-max-redirects", type=int, default=3)
-    p.add_argument("--tls-cert-file", help="serve TLS with this PEM certificate chain (with --tls-key-file)")
-    p.add_argument("--tls-key-file", help="PEM private key for --tls-cert-file")
+    add_server_tls_arguments(p, who="e.g. internal callers only; API keys are the usual front-door credential")
+    g = p.add_argument_group("TLS towards the inference tier")
+    g.add_argument("--inference-tls-ca-file",
+                   help="reach the inference tier over TLS, verifying it against this PEM CA (default: plaintext)")
+    g.add_argument("--inference-tls-cert-file",
+                   help="present this PEM client certificate to the inference tier (mutual TLS; with "
+                        "--inference-tls-key-file). Read at start: rotate it with a rolling restart")
+    g.add_argument("--inference-tls-key-file", help="PEM private key for --inference-tls-cert-file")
+    g.add_argument("--inference-tls-server-name",
+                   help="the name the inference tier's certificate carries, when it is not the target's host")
+    # Public clients behind L4 balancers: bounded connection age lets them rebalance across pods.
+    add_connection_arguments(p, age_s=1800.0, age_grace_s=3600.0)
+    add_tracing_arguments(p)
+    p.add_argument("--http-port", type=int, default=0,
+                   help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health, /ready) "
+                        "on this port beside the gRPC one, on the same pipeline (0 = off); HTTPS with the --tls-* "
+                        "files when given")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) the HTTP API answers to (default: the --model directory's name)")
+    p.add_argument("--api-keys-file", default=None,
+                   help="require an API key on every ChatService/PreprocessService RPC and /v1 HTTP request "
+                        "(authorization: Bearer KEY): one key a line, # comments; re-read when it changes, so "
+                        "keys rotate without a restart. Unset or empty: no authentication (logged at start)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM: how long in-flight RPCs may finish while new ones are refused")
     p.add_argument("--log-level", default="info")

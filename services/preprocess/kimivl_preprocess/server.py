@@ -18,14 +18,18 @@ import threading
 import time
 import warnings
 
-import grpc
 from PIL import Image
 
 from kimivl_contract.processor import ProcessorConfig
+from kimivl_hosting import tracing
 from kimivl_hosting.grpc_host import GrpcHost
+from kimivl_hosting.options import connection_options
+from kimivl_hosting.tls import channel_credentials, server_tls
 
+from . import auth
 from .admission import FrontDoorBudgets
 from .chat import ChatFlow
+from .grpc_auth import ApiKeyInterceptor
 from .inference_client import InferenceClient
 from .options import MiB
 from .pipeline import Preprocessor
@@ -37,18 +41,24 @@ from .uploads import UploadGate
 log = logging.getLogger("kimivl.preprocess")
 
 
-def _credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
-    if bool(args.tls_cert_file) != bool(args.tls_key_file):
-        raise SystemExit("--tls-cert-file and --tls-key-file go together")
-    if not args.tls_cert_file:
-        return None
-    with open(args.tls_key_file, "rb") as k, open(args.tls_cert_file, "rb") as c:
-        return grpc.ssl_server_credentials([(k.read(), c.read())])
+def _tls_note(tls) -> str:
+    if tls is None:
+        return "plaintext"
+    return "TLS, client certificates required" if tls.client_ca_file else "TLS"
+
+
+def http_body_limit(max_message_bytes: int) -> int:
+    """The HTTP body limit: what one gRPC message may hold, base64-encoded (JSON carries images
+    as data URIs), plus 1 MiB for the JSON around it."""
+    return max_message_bytes * 4 // 3 + MiB
 
 
 async def serve(args: argparse.Namespace) -> None:
+    tracing.configure("kimivl-preprocess", args.otlp_traces_endpoint)
     max_msg = args.max_message_mb * MiB
-    credentials = _credentials(args)
+    tls = server_tls(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
+    inference_credentials = channel_credentials(args.inference_tls_ca_file, args.inference_tls_cert_file,
+                                                args.inference_tls_key_file)
     pool = ImagePool(ProcessorConfig.from_model_dir(args.model), workers=args.workers,
                      max_pixels=args.max_image_pixels)
     fetcher = ImageFetcher(FetchPolicy(max_image_bytes=args.max_image_bytes, timeout_s=args.url_timeout_s,
@@ -61,26 +71,44 @@ async def serve(args: argparse.Namespace) -> None:
                                 max_model_len=args.max_model_len, max_tensor_bytes=max_msg - 16 * MiB,
                                 max_text_chars=args.max_text_chars, max_request_pixels=args.max_request_pixels,
                                 budgets=budgets)
-    inference = InferenceClient(args.inference_target, max_msg)
+    inference = InferenceClient(args.inference_target, max_msg, credentials=inference_credentials,
+                                server_name=args.inference_tls_server_name)
     flow = ChatFlow(preprocessor, inference, args.wire_dtype, UploadGate(args.inference_uploads))
+    keys = auth.load(args.api_keys_file)
 
-    host = GrpcHost([CHAT_SERVICE, PREPROCESS_SERVICE], max_message_bytes=max_msg)
+    services = [CHAT_SERVICE, PREPROCESS_SERVICE]
+    host = GrpcHost(services, max_message_bytes=max_msg, options=connection_options(args),
+                    interceptors=[ApiKeyInterceptor(keys, services)] if keys else ())
     for service, methods in handlers(ChatServicer(flow), PreprocessServicer(preprocessor)).items():
         host.add_handlers(service, methods)
-    bound = host.bind(args.host, args.port, credentials)
+    bound = host.bind(args.host, args.port, tls.credentials() if tls else None)
+    http = None
+    if args.http_port:
+        from .openai.server import OpenAIServer, ssl_context
+
+        http = OpenAIServer(flow, models=args.served_model_name or [os.path.basename(os.path.normpath(args.model))],
+                            max_model_len=preprocessor.max_model_len, max_body_bytes=http_body_limit(max_msg),
+                            keys=keys)
+        http_bound = await http.start(args.host, args.http_port, ssl_context(args.tls_cert_file, args.tls_key_file))
     await host.start(serving=True, metrics_port=args.metrics_port)
-    log.info("preprocess tier serving on %s:%d (inference target %s, %s image workers; admission: %d preparing, "
-             "%d queued, %.0f MiB decoding; text up to %d characters)", args.host, bound, args.inference_target,
+    log.info("preprocess tier serving on %s:%d (%s; inference target %s over %s, %s image workers; admission: "
+             "%d preparing, %d queued, %.0f MiB decoding; text up to %d characters)",
+             args.host, bound, _tls_note(tls), args.inference_target,
+             "mutual TLS" if args.inference_tls_cert_file else "TLS" if inference_credentials else "plaintext",
              pool.workers, budgets.requests.capacity, budgets.requests.max_queue, budgets.decode.capacity / MiB,
              preprocessor.max_text_chars)
+    if http:
+        log.info("OpenAI-compatible HTTP API on %s:%d (models %s, bodies up to %d MiB)", args.host, http_bound,
+                 ", ".join(http.models), http.max_body_bytes // MiB)
 
     await host.stop.wait()
     log.info("draining: refusing new RPCs, up to %.0f s for in-flight ones", args.drain_timeout_s)
-    await host.drain(args.drain_timeout_s)
+    await asyncio.gather(host.drain(args.drain_timeout_s), *([http.drain(args.drain_timeout_s)] if http else []))
     await inference.close()
     await fetcher.close()
     pool.close(wait=False)
     preprocessor.close(wait=False)
+    tracing.shutdown()
     busy = await _busy_threads(grace_s=1.0)
     if busy:
         log.warning("exiting with %d worker threads still busy (%s)", len(busy), ", ".join(busy))

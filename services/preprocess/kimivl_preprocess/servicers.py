@@ -14,11 +14,11 @@ import grpc
 from kimivl.v1 import chat_pb2, preprocess_pb2, types_pb2
 from kimivl_contract import dtypes, errors
 from kimivl_contract.errors import RequestError
+from kimivl_hosting import tracing
 
 from . import metrics
 from .chat import ChatFlow
 from .codec import preprocess_response
-from .inference_client import client_status
 from .pipeline import Preprocessor
 
 log = logging.getLogger("kimivl.preprocess")
@@ -32,7 +32,7 @@ def serialize(msg) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
-# Errors are answered with errors.answer / set_status, not context.abort: see errors.answer.
+# Errors are answered with errors.answer / answer_with, not context.abort: see errors.answer.
 
 
 class ChatServicer:
@@ -42,25 +42,29 @@ class ChatServicer:
     async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext):
         arrived = time.perf_counter()
         code = grpc.StatusCode.OK
+        span = tracing.start(f"{CHAT_SERVICE}/Chat", parent=tracing.extract(context.invocation_metadata() or ()),
+                             kind="server") if tracing.enabled else None
         try:
-            start = await self.flow.prepare(request, arrived)
+            start = await self.flow.prepare(request, arrived, span)
             async for msg in self.flow.stream(start, request, context.time_remaining()):
                 yield msg
         except RequestError as e:
             code = e.code
             errors.answer(context, e, pushback="hint")
         except grpc.aio.AioRpcError as e:
-            code, details, trailers = client_status(e, self.flow.inference.target)
-            errors.set_status(context, code, details, trailers)
+            s = self.flow.upstream_status(e)
+            code = s.code
+            errors.set_status(context, s)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:  # a bug, not bad input: log it, answer a clean status
             log.exception("Chat %s failed", request.request_id)
             code = grpc.StatusCode.INTERNAL
-            errors.set_status(context, code, f"internal error: {type(e).__name__}")
+            errors.answer_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
             metrics.REQUESTS.labels("Chat", code.name).inc()
+            tracing.end(span, code.name)
 
 
 class PreprocessServicer:
@@ -69,12 +73,14 @@ class PreprocessServicer:
 
     async def Preprocess(self, request: preprocess_pb2.PreprocessRequest, context: grpc.aio.ServicerContext):
         code = grpc.StatusCode.OK
+        span = tracing.start(f"{PREPROCESS_SERVICE}/Preprocess", kind="server",
+                             parent=tracing.extract(context.invocation_metadata() or ())) if tracing.enabled else None
         try:
             with metrics.PREPROCESS_SECONDS.time():
                 if request.dtype not in dtypes.BY_PROTO:  # proto3 enums are open: any number can arrive
                     raise RequestError(f"dtype {request.dtype} is not a TensorDtype; use one of "
                                        f"{', '.join(types_pb2.TensorDtype.keys())}", field="dtype")
-                prepared = await self.pre.prepare(request, dtypes.BY_PROTO[request.dtype].name)
+                prepared = await self.pre.prepare(request, dtypes.BY_PROTO[request.dtype].name, span=span)
             metrics.IMAGES.inc(prepared.prompt.images)
             return preprocess_response(prepared.prompt, prompt_text=prepared.prompt_text,
                                        preprocess_ms=prepared.preprocess_ms)
@@ -84,9 +90,10 @@ class PreprocessServicer:
         except Exception as e:  # a bug, not bad input: log it, answer a clean status
             log.exception("Preprocess failed")
             code = grpc.StatusCode.INTERNAL
-            errors.set_status(context, code, f"internal error: {type(e).__name__}")
+            errors.answer_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
             metrics.REQUESTS.labels("Preprocess", code.name).inc()
+            tracing.end(span, code.name)
 
 
 def handlers(chat: ChatServicer, preprocess: PreprocessServicer) -> dict[str, dict]:
