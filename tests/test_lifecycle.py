@@ -28,9 +28,12 @@ def _jpeg():
     return buf.getvalue()
 
 
+LONG_TOKENS = 400  # seconds of generation on any CPU, well inside the drain limit
+
 @pytest.fixture
 def own_tiers(tiny_model):
-    inf = start_inference(extra=["--torch-threads", "3"])  # not torch's default on CI's 2 cores
+    # --torch-threads: not torch's default on CI's 2 cores; the drain outlasts the long stream
+    inf = start_inference(extra=["--torch-threads", "3", "--drain-timeout-s", "240"])
     pre = None
     try:
         # The port answers at once, NOT_SERVING until the engine is ready.
@@ -54,10 +57,21 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(own_tiers):
     image = _jpeg()
     outcome = {}
 
+    streaming = threading.Event()
+
     def long_stream():
-        with Client(pre.target, timeout_s=120) as c:
-            outcome["result"] = c.chat(["Keep going", image], sampling={"temperature": 0.0, "max_tokens": 60,
-                                                                       "ignore_eos": True})
+        # SIGTERM is sent once tokens are arriving, so the stream is surely in flight (a tiny
+        # model on a fast CPU finishes 60 tokens in about a second).
+        collected = []
+        with Client(pre.target, timeout_s=300) as c:
+            for ev in c.stream(["Keep going", image], sampling={"temperature": 0.0, "max_tokens": LONG_TOKENS,
+                                                                 "ignore_eos": True}):
+                collected.extend(ev.token_ids)
+                if collected and not streaming.is_set():
+                    streaming.set()
+                if ev.result is not None:
+                    outcome["result"] = ev.result
+        outcome["token_ids"] = collected
 
     # Prefix caching is asked for by default: a repeated prompt is served from the cache. vLLM
     # turns it off for MLA models on CPUs without AMX; the tier reports which it got.
@@ -80,17 +94,18 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(own_tiers):
 
     t = threading.Thread(target=long_stream)
     t.start()
-    time.sleep(3)  # the stream is generating
+    assert streaming.wait(120), "no token arrived"
     inf.proc.send_signal(__import__("signal").SIGTERM)
     deadline = time.monotonic() + 10
     while inf.health() == SERVING and time.monotonic() < deadline:
         time.sleep(0.1)
     # Draining keeps the port open and says so: probes see NOT_SERVING, not a refused connection.
-    assert inf.health() == NOT_SERVING and inf.health("kimivl.v1.InferenceService") == NOT_SERVING
+    assert inf.health() == NOT_SERVING and inf.health("kimivl.v1.InferenceService") == NOT_SERVING, inf.tail(40)
     with Client(pre.target, timeout_s=30) as c, pytest.raises(Unavailable):
         c.chat(["New request", image], sampling={"max_tokens": 4})
-    t.join(120)
-    assert len(outcome["result"].token_ids) == 60  # the in-flight stream finished
+    t.join(300)
+    assert re.search(r"draining: refusing new RPCs, up to \d+ s for the 1 in flight", inf.tail(400)), inf.tail(40)
+    assert len(outcome["token_ids"]) == LONG_TOKENS  # the in-flight stream finished
     assert inf.proc.wait(60) == 0
 
 

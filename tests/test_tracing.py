@@ -111,3 +111,18 @@ def test_a_rejection_is_a_failed_span_with_its_status(traced_tiers):
     (svc, span), = collector.of_trace(trace_id)
     assert {a.key: a.value.string_value for a in span.attributes}["rpc.grpc.status_code"] == "INVALID_ARGUMENT"
     assert span.status.code == 2  # STATUS_CODE_ERROR
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "kimivl-preprocess"),
+    ({"OTEL_SERVICE_NAME": "front-door-eu"}, "front-door-eu"),
+    ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=from-attrs,k8s.pod.name=p-1"}, "from-attrs"),
+])
+def test_the_service_name_is_ours_unless_the_operator_names_it(monkeypatch, env, expected):
+    from kimivl_hosting import tracing
+
+    for key in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert tracing.resource("kimivl-preprocess").attributes["service.name"] == expected

@@ -29,7 +29,6 @@ def configure(service_name: str, endpoint: str | None) -> None:
     if not endpoint:
         return
     from opentelemetry import trace
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -40,9 +39,7 @@ def configure(service_name: str, endpoint: str | None) -> None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    # Resource.create reads OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES, which win over ours.
-    resource = Resource.create({SERVICE_NAME: service_name}).merge(Resource.create())
-    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    provider = TracerProvider(resource=resource(service_name))  # the sampler comes from OTEL_TRACES_SAMPLER
     exporter = (OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
                 if not protocol.startswith("http") else OTLPSpanExporter(endpoint=endpoint))
     provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -51,6 +48,16 @@ def configure(service_name: str, endpoint: str | None) -> None:
     _propagator = TraceContextTextMapPropagator()
     enabled = True
     log.info("tracing on: OTLP/%s to %s as %s", protocol, endpoint, service_name)
+
+
+def resource(service_name: str):
+    """The process's resource: OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over our name.
+
+    (``Resource.create(attrs)`` alone lets ours win, and a bare ``Resource.create()`` merged over
+    it carries ``unknown_service:python``.)"""
+    from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
+
+    return Resource.create({SERVICE_NAME: service_name}).merge(OTELResourceDetector().detect())
 
 
 def shutdown() -> None:

@@ -94,7 +94,7 @@ async def serve(args) -> int:
     if exit_code:
         log.error("stopping: the engine is not usable")
     else:
-        log.info("draining: refusing new RPCs, up to %.0f s for in-flight ones", args.drain_timeout_s)
+        log.info("draining: refusing new RPCs, up to %.0f s for the %d in flight", args.drain_timeout_s, host.in_flight)
     await host.drain(0 if exit_code else args.drain_timeout_s)
     if engine is not None:
         engine.shutdown()

@@ -102,7 +102,7 @@ async def serve(args: argparse.Namespace) -> None:
                  ", ".join(http.models), http.max_body_bytes // MiB)
 
     await host.stop.wait()
-    log.info("draining: refusing new RPCs, up to %.0f s for in-flight ones", args.drain_timeout_s)
+    log.info("draining: refusing new RPCs, up to %.0f s for the %d in flight", args.drain_timeout_s, host.in_flight)
     await asyncio.gather(host.drain(args.drain_timeout_s), *([http.drain(args.drain_timeout_s)] if http else []))
     await inference.close()
     await fetcher.close()

@@ -11,7 +11,6 @@ accepted. Error messages never quote what a remote server sent (it is logged, cu
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import ipaddress
 import logging
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import aiohttp
+import pybase64
 from aiohttp.abc import AbstractResolver
 
 from kimivl_contract.errors import RequestError, quote
@@ -76,7 +76,7 @@ def decode_data_uri(uri: str, field: str, max_bytes: int) -> bytes:
                            resource_exhausted=True)
     try:
         if header.endswith(";base64"):
-            data = base64.b64decode(payload, validate=True)
+            data = pybase64.b64decode(payload, validate=True)  # vLLM's decoder; SIMD, ~100x the stdlib's
         else:
             data = unquote_to_bytes(payload)
     except (binascii.Error, ValueError) as e:
