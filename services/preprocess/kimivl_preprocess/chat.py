@@ -35,6 +35,7 @@ class ChatStart:
     request_id: str
     arrived_s: float  # time.perf_counter() at arrival
     span: object = None  # the transport's server span (kimivl_hosting.tracing), None when off
+    probe: bool = False  # this chat probes whether a shedding inference tier has room again (ShedWindow)
 
 
 class ChatFlow:
@@ -52,15 +53,20 @@ class ChatFlow:
         transport's server span, parent of this chat's spans."""
         arrived_s = time.perf_counter() if arrived_s is None else arrived_s
         check_sampling(request.sampling, request.thinking)
-        self.shed_window.check()  # the inference tier is shedding: refuse before any work
+        probe = self.shed_window.check()  # the inference tier is shedding: refuse before any work
         max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
-        with metrics.PREPROCESS_SECONDS.time(), tracing.child("preprocess", span) as ps:
-            prepared = await self.pre.prepare(request, self.wire_dtype, max_tokens=max_tokens, span=ps)
-            tracing.set_attributes(ps, images=prepared.prompt.images)
+        try:
+            with metrics.PREPROCESS_SECONDS.time(), tracing.child("preprocess", span) as ps:
+                prepared = await self.pre.prepare(request, self.wire_dtype, max_tokens=max_tokens, span=ps)
+                tracing.set_attributes(ps, images=prepared.prompt.images)
+        except BaseException:
+            if probe:
+                self.shed_window.probe_done(False)  # it never reached the tier: the next chat probes
+            raise
         metrics.IMAGES.inc(prepared.prompt.images)
         rid = request.request_id or uuid.uuid4().hex
         tracing.set_attributes(span, request_id=rid, images=prepared.prompt.images)
-        return ChatStart(prepared, rid, arrived_s, span)
+        return ChatStart(prepared, rid, arrived_s, span, probe)
 
     def upstream_status(self, e: grpc.aio.AioRpcError) -> errors.Status:
         """What a client is told of the inference tier's error ``e`` (every port says the same)."""
@@ -77,11 +83,22 @@ class ChatFlow:
         gen = tracing.start("inference.Generate", parent=start.span, kind="client")
         with metrics.UPLOAD_SECONDS.time(), tracing.child("inference.upload", start.span):
             # pop: the call holds the bytes while it may retry; a stream of minutes need not hold them too
-            call = await self.uploads.start(
-                lambda: self.inference.generate(message.pop(), timeout_s, tracing.headers(gen)))
+            try:
+                call = await self.uploads.start(
+                    lambda: self.inference.generate(message.pop(), timeout_s, tracing.headers(gen)))
+            except BaseException:
+                if start.probe:
+                    self.shed_window.probe_done(False)
+                raise
         first = True
         code = "CANCELLED"
+        probe = start.probe
         try:
+            if probe:  # the tier sends its headers once it has admitted a request: the window can stay closed
+                await call.initial_metadata()
+                if not call.done() or await call.code() == grpc.StatusCode.OK:
+                    self.shed_window.probe_done(True)
+                    probe = False
             async for raw in call:
                 if first:
                     metrics.CHAT_TTFT.observe(time.perf_counter() - start.arrived_s)
@@ -99,6 +116,8 @@ class ChatFlow:
             self.shed_window.observe(e)
             raise
         finally:
+            if probe:  # shed (the window has reopened), failed or abandoned
+                self.shed_window.probe_done(False)
             call.cancel()  # no-op once finished; aborts the engine request if the client left
             tracing.end(gen, code)
 
