@@ -22,6 +22,9 @@ from prometheus_client import start_http_server
 
 from kimivl_contract import errors
 
+from .malformed import refuse_malformed
+from .memory import trim_after_large
+
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 DRAINING = "this replica is draining; retry on another"  # UNAVAILABLE's message (HTTP: 503)
 
@@ -67,18 +70,22 @@ class _Drain(grpc.aio.ServerInterceptor):
 
 def refusal(handler, code: grpc.StatusCode, details: str, *, reason: str, retry_after_s: float | None = None):
     """A handler of ``handler``'s kind that answers ``code`` / ``details`` with the error details
-    (for interceptors)."""
-    async def refuse(request, context):
-        await errors.abort_with(context, code, details, reason=reason, retry_after_s=retry_after_s)
+    (for interceptors). The request stays bytes (never parsed), and the status is set, not raised
+    (see errors.answer)."""
+    def refuse(request, context):
+        errors.answer_with(context, code, details, reason=reason, retry_after_s=retry_after_s)
+
+    async def refuse_unary(request, context):
+        refuse(request, context)
 
     async def refuse_stream(request, context):
-        await refuse(request, context)
+        refuse(request, context)
+        return
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
-                                                    handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, None, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(refuse_unary, None, handler.response_serializer)
 
 
 def _counted(handler, drain: _Drain):
@@ -129,6 +136,10 @@ class GrpcHost:
         self.stop = asyncio.Event()
 
     def add_handlers(self, service: str, handlers: dict) -> None:
+        """``handlers`` (method name -> RpcMethodHandler) of ``service``; request bytes that do not
+        parse are answered INVALID_ARGUMENT before they reach them (:mod:`.malformed`), and the
+        memory of large requests is given back to the OS after them (:mod:`.memory`)."""
+        handlers = {name: trim_after_large(refuse_malformed(h)) for name, h in handlers.items()}
         self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, handlers)])
 
     def bind(self, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
