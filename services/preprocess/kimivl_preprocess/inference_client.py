@@ -17,9 +17,9 @@ import grpc
 from kimivl.v1 import inference_pb2
 from kimivl_contract import errors
 
-log = logging.getLogger("kimivl.preprocess")
-
 from .renewable_channel import RenewableChannel
+
+log = logging.getLogger("kimivl.preprocess")
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 SERVICE_CONFIG = {
