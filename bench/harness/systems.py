@@ -242,7 +242,11 @@ class CeilingEngine:
                 self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
         finally:
             os.sched_setaffinity(0, own)
+        import torch
+
+        # what a forked engine core would have kept: torch's count here, taken from this process's CPUs when it loaded
         self.info["engine_torch_threads"] = threads
+        self.info["bench_torch_threads"] = torch.get_num_threads()
         self.info["start_s"] = round(time.perf_counter() - t, 1)
         self.info["engine_kwargs"] = kw
         sender.engine = self.engine
