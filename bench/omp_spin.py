@@ -5,7 +5,9 @@ batching a step's multimodal items into one (pinned) buffer, ``pin_memory()`` co
 otherwise waits on the GPU. With T intra-op threads each such op wakes T-1 OpenMP workers, which
 spin-wait after the parallel region (libgomp's default: GOMP_SPINCOUNT 300,000 pause loops)
 before they sleep. This measures it without a GPU: per "step", concatenate K uint8 tensors of
-``--mb`` MB into a preallocated buffer (as ``MultiModalFlatField._reduce_data`` does), then block
+``--mb`` MB into a preallocated buffer (as ``MultiModalFlatField._reduce_data`` does; ``--op vllm``:
+batch K real multimodal items, 1 MP photos' raw patches in the inference tier's field layout,
+through vLLM's own ``group_and_batch_mm_kwargs``, as the model runner does each step), then block
 for ``--wait-ms`` (as the engine core blocks on the GPU). Each thread count runs in a fresh
 spawned process (libgomp sizes its team at load), modes interleaved, repeats reported.
 
@@ -35,20 +37,49 @@ def _proc_cpu() -> float:
     return t.user + t.system
 
 
-def _run(threads: int, steps: int, mb: float, k: int, wait_ms: float, q) -> None:
+def _mm_items(k: int) -> list:
+    """k 1 MP photos (58x88 patches) as the inference tier hands them to vLLM: raw uint8 patches
+    under the fast path's key, grid kept on the CPU (kimivl_inference.engine_input's layout)."""
+    import torch
+    from transformers import BatchFeature
+    from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+
+    out = []
+    for _ in range(k):
+        grid = torch.tensor([[58, 88]])
+        x = torch.randint(0, 255, (58 * 88, 3, 14, 14), dtype=torch.uint8)
+        items = MultiModalKwargsItems.from_hf_inputs(BatchFeature({"kimivl_pixel_bytes": x, "image_grid_hws": grid}), {
+            "kimivl_pixel_bytes": MultiModalFieldConfig.flat_from_sizes("image", grid.prod(-1)),
+            "image_grid_hws": MultiModalFieldConfig.batched("image", keep_on_cpu=True)})
+        out.append(("image", items["image"][0]))
+    return out
+
+
+def _run(threads: int, steps: int, mb: float, k: int, wait_ms: float, op: str, q) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
     torch.set_num_threads(threads)
-    parts = [torch.randint(0, 255, (int(mb * 2**20),), dtype=torch.uint8) for _ in range(k)]
-    out = torch.empty(sum(p.numel() for p in parts), dtype=torch.uint8)
-    torch.cat(parts, out=out)  # the team exists before timing
+    if op == "vllm":
+        items = _mm_items(k)
+        from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+        def step():
+            for _ in group_and_batch_mm_kwargs(items, device="cpu"):
+                pass
+    else:
+        parts = [torch.randint(0, 255, (int(mb * 2**20),), dtype=torch.uint8) for _ in range(k)]
+        out = torch.empty(sum(p.numel() for p in parts), dtype=torch.uint8)
+
+        def step():
+            torch.cat(parts, out=out)
+    step()  # the team exists before timing
     time.sleep(0.2)
     c0, m0 = _proc_cpu(), time.thread_time()
     copy = 0.0
     for _ in range(steps):
         t = time.perf_counter()
-        torch.cat(parts, out=out)
+        step()
         copy += time.perf_counter() - t
         time.sleep(wait_ms / 1e3)
     q.put({"threads": threads, "cpu_ms_per_step": 1e3 * (_proc_cpu() - c0) / steps,
@@ -90,6 +121,8 @@ def main() -> None:
     p.add_argument("--mb", type=float, default=3.0, help="MB per item (a 1 MP photo's uint8 patches: ~3)")
     p.add_argument("--k", type=int, default=6, help="items per step (8192 tokens / 1331: 6 photos)")
     p.add_argument("--wait-ms", type=float, default=20.0)
+    p.add_argument("--op", choices=["cat", "vllm"], default="cat",
+                   help="cat: torch.cat into a buffer; vllm: vLLM's group_and_batch_mm_kwargs over real items")
     p.add_argument("--start-methods", action="store_true", help="only show fork vs spawn thread counts")
     a = p.parse_args()
     if a.start_methods:
@@ -99,11 +132,13 @@ def main() -> None:
     for _ in range(a.repeats):
         for t in (int(x) for x in a.threads.split(",")):
             q = ctx.Queue()
-            pr = ctx.Process(target=_run, args=(t, a.steps, a.mb, a.k, a.wait_ms, q))
+            pr = ctx.Process(target=_run, args=(t, a.steps, a.mb, a.k, a.wait_ms, a.op, q))
             pr.start()
             rows.setdefault(t, []).append(q.get())
             pr.join()
-    print(f"{a.k} x {a.mb:g} MB uint8 concatenated per step, then {a.wait_ms:g} ms blocked; {a.steps} steps; "
+    what = (f"{a.k} 1 MP photos' items batched by vLLM" if a.op == "vllm" else
+            f"{a.k} x {a.mb:g} MB uint8 concatenated")
+    print(f"{what} per step, then {a.wait_ms:g} ms blocked; {a.steps} steps; "
           f"median [min-max] of {a.repeats} interleaved repeats; CPUs here: {sorted(os.sched_getaffinity(0))}\n")
     print("| torch threads | process CPU ms / step | calling thread CPU ms / step | other threads ms / step | "
           "copy wall ms | threads in process |")
