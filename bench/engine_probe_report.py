@@ -13,6 +13,7 @@ main thread's CPU per step and per request), the input thread's CPU per request,
 request of every thread of the core and its worker (threads of one name summed; ``native:`` = not
 a Python thread, e.g. OpenMP workers). Then each system's request as the core received it, with
 the fields that vary per request (ids, hashes, times) masked, and whether all requests agree.
+First, each engine process's torch thread count, CPU set and OMP environment as it reported them.
 """
 from __future__ import annotations
 
@@ -92,6 +93,19 @@ def system_pids(run: dict) -> set[int]:
     return pids
 
 
+def engine_processes(res: dict, probe: dict[int, list[dict]]) -> list[str]:
+    """Each system's probed processes as they first reported: torch threads, CPUs, environment."""
+    out = []
+    for run in res["runs"]:
+        for pid in sorted(system_pids(run)):
+            info = next((r for r in probe.get(pid, []) if r["kind"] == "proc"), None)
+            if info:
+                env = {k: v for k, v in info.get("env", {}).items() if k.startswith(("OMP_", "VLLM_WORKER"))}
+                out.append(f"| {run.get('system')} | {info.get('comm')} [{pid}] | {info.get('torch_threads')} | "
+                           f"{len(info.get('affinity', []))} | {json.dumps(env)} |")
+    return out
+
+
 def unit_rows(res: dict, probe: dict[int, list[dict]], phase_filter: str | None):
     t0c = res["invocations"][0].get("clock_t0_perf_counter_s")
     if t0c is None:
@@ -129,18 +143,20 @@ def unit_rows(res: dict, probe: dict[int, list[dict]], phase_filter: str | None)
                    "input_cpu_ms_per_req": 1e3 * sum(r["pre_cpu_s"] for r in reqs) / max(1, len(reqs)),
                    "engine_core_cpu_s_per_req": ph["summary"].get("engine_core_cpu_s_per_req"),
                    "threads": None}
-            # per-thread CPU over the unit: per process, the snapshot before and after the window
-            by_proc = collections.defaultdict(list)
+            # per-thread CPU over the unit: for each process, its snapshot before and after the window
+            # (the core's children, e.g. the CPU backend's worker, come and go in the snapshots)
+            by_pid = collections.defaultdict(list)
             for s in snaps:
-                by_proc[tuple(sorted(s["procs"]))].append(s)
+                for pid, p in s["procs"].items():
+                    by_pid[int(pid)].append({"t": s["t"], "procs": {pid: p}})
             tc: dict[str, float] = collections.Counter()
-            for group in by_proc.values():
-                a, b = snaps_around(group, w0, w1)
+            for pid, series in by_pid.items():
+                a, b = snaps_around(series, w0, w1)
                 if a and b:
-                    ca, cb = thread_cpu(a, pids), thread_cpu(b, pids)
+                    ca, cb = thread_cpu(a, {pid}), thread_cpu(b, {pid})
                     for k in cb:
                         tc[k] += cb[k] - ca.get(k, 0.0)
-                    row["threads_span_s"] = round(b["t"] - a["t"], 1)
+                    row["threads_span_s"] = max(row.get("threads_span_s", 0), round(b["t"] - a["t"], 1))
             row["threads"] = {k: v / n for k, v in sorted(tc.items(), key=lambda kv: -kv[1]) if v / n >= 0.0005}
             rows.append(row)
             reqs_by_system[name] += reqs
@@ -155,8 +171,12 @@ def fmt(v, nd=3):
     return str(v)
 
 
-def report(rows, reqs_by_system) -> str:
-    out = ["## Per unit (one system, one phase, one repeat)", "",
+def report(rows, reqs_by_system, procs: list[str] | None = None) -> str:
+    out = []
+    if procs:
+        out += ["## Engine processes (as each first reported)", "",
+                "| system | process | torch threads | CPUs | environment |", "|---|---|---:|---:|---|", *procs, ""]
+    out += ["## Per unit (one system, one phase, one repeat)", "",
            "| system | phase | r | req/s | reqs at core | arrive p50 / max s | steps | steps/req | reqs/step | "
            "prefill steps | prefills/prefill step | prefill tok/prefill step | enc inputs/prefill step | "
            "main thread CPU-s/req (steps) | sched ms/step | input thread ms/req | engine CPU-s/req (psutil) |",
@@ -191,8 +211,9 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--json", default=None, help="also write the per-unit rows here")
     a = p.parse_args()
-    rows, reqs = unit_rows(load_json(a.results), load_probe(a.probe_dir), a.phase)
-    text = report(rows, reqs)
+    res, probe = load_json(a.results), load_probe(a.probe_dir)
+    rows, reqs = unit_rows(res, probe, a.phase)
+    text = report(rows, reqs, engine_processes(res, probe))
     print(text)
     if a.out:
         with open(a.out, "w") as f:
