@@ -90,6 +90,13 @@ def _posemb_cache_mb(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=50052)
@@ -127,8 +134,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="CPU threads of this process's own tensor work (normalizing uint8 patches); 0 = torch's "
-                        "default, a thread per core. Applied once the engine has started, so the engine core keeps "
-                        "vLLM's setting. Lower it where the container's CPU limit is below the host's core count")
+                        "default, a thread per core. Applied once the engine has started, so the engine's processes "
+                        "keep --engine-torch-threads. Lower it where the container's CPU limit is below the host's core count")
+    p.add_argument("--engine-torch-threads", type=_non_negative_int, default=1,
+                   help="torch intra-op threads in the engine's processes on a GPU (given them as OMP_NUM_THREADS "
+                        "when they start; an OMP_NUM_THREADS in this environment wins). 1 (default) = what vLLM "
+                        "0.32 sets for serving: more only spin-wait beside the engine loop after each CPU tensor "
+                        "operation. 0 = torch's default, a thread per CPU of the process")
     p.add_argument("--prefill-window-ms", type=_prefill_window_ms, default=0.0,
                    help="while the engine has work, hold an image request up to this long so that image prefills "
                         "reach the engine together (a prefill step's fixed cost is then shared; TTFT pays the "
