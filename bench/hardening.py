@@ -370,7 +370,9 @@ def _overload_run(inf_extra, door_extra, rate: float | None, seconds: float):
 
 def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
     """The engine's capacity measured without limits; then 4x that offered to both configurations."""
+    load_u = os.getloadavg()[0]
     idle_u, capacity, rate, results_u = _overload_run(*UNBOUNDED, None, seconds)
+    load_b = os.getloadavg()[0]
     idle_b, _, _, results_b = _overload_run(*BOUNDED, rate, seconds)
     out += ["## 4x overload", "",
             "Both tiers (tiny model, CPU engine). Chats with a 448x336 photo, 8 tokens out, greedy, no client "
@@ -378,7 +380,9 @@ def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
             "offered for 15 s, served over the time to serve them all); "
             f"then Poisson arrivals at {rate:.2f} req/s (4x) for {seconds:g} s to each configuration, the same "
             f"schedule: **bounded** (inference tier `{' '.join(BOUNDED[0])}`, front door `{' '.join(BOUNDED[1])}` "
-            f"and its defaults) and **unbounded** (`{' '.join(UNBOUNDED[0])}`; front door `{' '.join(UNBOUNDED[1])}`).",
+            f"and its defaults) and **unbounded** (`{' '.join(UNBOUNDED[0])}`; front door `{' '.join(UNBOUNDED[1])}`). "
+            f"The unbounded run came first (load average {load_u:.1f} at its start), then the bounded one "
+            f"({load_b:.1f}); other jobs on a shared machine move the figures between them (see idle TTFT).",
             "", "| | bounded | unbounded |", "|---|---|---|"]
 
     def halves(results):
