@@ -105,12 +105,13 @@ async def test_no_queue_sheds_at_once():
     held.release()
 
 
-async def _shedding_inference_tier():
+async def _shedding_inference_tier(waited: bool = False):
     attempts = []
 
     async def generate(request, context):
         attempts.append(time.perf_counter())
-        errors.answer(context, Overloaded("this inference replica is at capacity", retry_after_s=0.7), pushback="now")
+        errors.answer(context, Overloaded("this inference replica is at capacity", retry_after_s=0.7, waited=waited),
+                      pushback="now")
         return
         yield  # pragma: no cover
 
@@ -303,3 +304,20 @@ async def test_after_the_window_one_chat_probes_the_tier_while_the_others_are_st
         await server.stop(0)
         pre.close()
         pool.close()
+
+
+async def test_a_request_that_waited_its_turn_is_not_retried():
+    """Shed after its whole queue wait, a request is answered (pushback -1): a retry would wait again."""
+    server, target, attempts = await _shedding_inference_tier(waited=True)
+    client = InferenceClient(target, 64 << 20)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in client.generate(b"\x0a" + b"\x00" * 1000, timeout_s=20):
+                pass
+    finally:
+        await client.close()
+        await server.stop(0)
+    assert len(attempts) == 1
+    assert dict(e.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
+    s = client_status(e.value, target)  # the client still gets the hint
+    assert s.details.endswith("retry after 0.7 s") and dict(s.trailing_metadata)["retry-after-ms"] == "700"

@@ -26,6 +26,7 @@ MAX_MESSAGE_CHARS = 1024  # a status message travels in a header: keep it readab
 RETRY_AFTER_KEY = "retry-after-ms"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 PUSHBACK_NOW_MS = 1  # "retry at once" (see Overloaded: 0 makes grpcio's retry hang)
+PUSHBACK_NEVER = "-1"  # "do not retry" (gRFC A6: a negative pushback)
 DETAILS_KEY = "grpc-status-details-bin"
 
 
@@ -86,15 +87,18 @@ class Overloaded(RequestError):
     policies: ``pushback="hint"`` (retry after the hint: the client-facing tier) or ``"now"`` (1 ms:
     between the tiers, where the front door's retry goes to the next replica at once, and an answer
     that every replica is at capacity comes back in milliseconds). Not 0: grpcio 1.85's retry given
-    a pushback of 0 never makes its next attempt, and the call hangs until its deadline.
+    a pushback of 0 never makes its next attempt, and the call hangs until its deadline. A request
+    that ``waited`` its whole turn in a queue gets ``-1`` instead of ``"now"`` (no retry): another
+    attempt would wait as long again (three attempts, three waits), and the client should hear it.
     """
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = Reason.OVERLOADED
 
-    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kw):
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, waited: bool = False, **kw):
         retry_after_s = retry_after_s if math.isfinite(retry_after_s) else 1.0
         self.retry_after_s = max(0.0, retry_after_s)
+        self.waited = waited
         super().__init__(f"{message}; retry after {self.retry_after_s:.2g} s", **kw)
 
     @property
@@ -105,7 +109,9 @@ class Overloaded(RequestError):
         md = ((RETRY_AFTER_KEY, str(self.retry_after_ms)),)
         if pushback is None:
             return md
-        return (*md, (RETRY_PUSHBACK_KEY, str(self.retry_after_ms if pushback == "hint" else PUSHBACK_NOW_MS)))
+        if pushback == "hint":
+            return (*md, (RETRY_PUSHBACK_KEY, str(self.retry_after_ms)))
+        return (*md, (RETRY_PUSHBACK_KEY, PUSHBACK_NEVER if self.waited else str(PUSHBACK_NOW_MS)))
 
 
 class Status(NamedTuple):

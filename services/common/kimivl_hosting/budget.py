@@ -164,4 +164,5 @@ class Budget:
         state = f"{self.used} of {self.capacity} {self.unit}, {self.queued} waiting"
         why = (f"waited {waited_s:.1f} s (the limit is {self.max_wait_s:g} s)" if reason == "timeout"
                else f"its queue is full ({self.max_queue})")
-        raise Overloaded(f"{self.describe} is at capacity ({state}) and {why}", retry_after_s=self.retry_after_s())
+        raise Overloaded(f"{self.describe} is at capacity ({state}) and {why}", retry_after_s=self.retry_after_s(),
+                         waited=reason == "timeout")
