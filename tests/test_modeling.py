@@ -125,3 +125,32 @@ def test_training_loss_reaches_the_vision_tower(model, prompt):
     out.loss.backward()
     assert model.vision_tower.patch_embed.proj.weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+def test_loads_the_same_where_vllms_kimi_vl_config_is_registered(tiny_model, prompt):
+    """Our vLLM plugin registers vLLM's ``kimi_vl`` config (its text part is transformers'
+    DeepseekV2Config, RoPE base only in rope_parameters); the Auto classes then hand the remote
+    code that config. The model must compute the same there. In a fresh interpreter, so the
+    order this suite imports things in decides nothing."""
+    import subprocess
+    import sys
+
+    ids, pv, grid = prompt
+    script = f"""
+import torch
+from transformers import AutoModelForCausalLM
+ids = torch.tensor({ids.tolist()})
+def logits():
+    m = AutoModelForCausalLM.from_pretrained({str(tiny_model)!r}, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return type(m.config.text_config).__name__, m(input_ids=ids).logits[0, -1]
+ours, before = logits()
+from kimivl_inference.hf_processor import register
+register()
+theirs, after = logits()
+assert (ours, theirs) == ("KimiVLTextConfig", "DeepseekV2Config"), (ours, theirs)
+torch.testing.assert_close(after, before, rtol=0, atol=0)
+print("same")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("same"), run.stderr[-3000:]

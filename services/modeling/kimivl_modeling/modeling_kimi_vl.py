@@ -251,6 +251,18 @@ def _rope_cos_sin(positions: torch.Tensor, dim: int, theta: float):
     return ang.cos(), ang.sin()
 
 
+def rope_theta(config) -> float:
+    """The text model's RoPE base. Read from ``rope_parameters`` too: where vLLM's ``kimi_vl`` config
+    is registered in the process (its plugin does it), the Auto classes hand this code that config,
+    whose text part is transformers' DeepseekV2Config, which keeps the base only there."""
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    if theta is None:
+        raise ValueError("text_config has neither rope_theta nor rope_parameters['rope_theta']")
+    return float(theta)
+
+
 def _rotate_pairs(x: torch.Tensor, cos, sin) -> torch.Tensor:
     """x (B, T, [H,] D): rotate channel pairs (2i, 2i+1) by the angles of cos/sin (B, T, D/2)."""
     if x.dim() == 4:
@@ -459,7 +471,7 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, inputs_embeds, position_ids, *, cache=None, cache_index=None, key_mask=None):
-        cos, sin = _rope_cos_sin(position_ids, self.config.qk_rope_head_dim, self.config.rope_theta)
+        cos, sin = _rope_cos_sin(position_ids, self.config.qk_rope_head_dim, rope_theta(self.config))
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, cache=cache, cache_index=cache_index, key_mask=key_mask)
