@@ -4,7 +4,9 @@ Engines start once per test session (vLLM's CPU engine takes ~30-40 s to start).
 """
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TINY_MODEL = ROOT / "models" / "kimi-vl-tiny"
 LOG_DIR = ROOT / ".pytest_cache" / "server-logs"
+NODE_DIR = ROOT / "clients" / "node"
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false",
               "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -134,3 +137,16 @@ def front_door_alone(tiny_model):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def node_client() -> str:
+    """The node binary, with clients/node's dependencies installed (`npm ci` when one is missing)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail("node and npm are needed for the Node client tests (Node >= 18 on PATH)")
+    if not all((NODE_DIR / "node_modules" / dep).is_dir() for dep in ("@grpc/grpc-js", "protobufjs")):
+        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"npm ci failed in {NODE_DIR}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    return node

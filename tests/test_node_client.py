@@ -1,37 +1,23 @@
 """The Node client (clients/node, @kimivl/client) against the real servers: its example
 `examples/chat.js --json` streams a chat with an image, and its greedy tokens equal the
-Python SDK's for the same request; gRPC errors exit 3 with the status on stderr."""
+Python SDK's for the same request; gRPC errors exit 3 with the status on stderr; and the
+package's own unit tests pass."""
 from __future__ import annotations
 
 import io
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import ROOT, ServerProcess, free_port, tiny_model_dir
+from conftest import NODE_DIR, ROOT, ServerProcess, free_port, tiny_model_dir
 from kimivl.client import Client
 
-NODE_DIR = ROOT / "clients" / "node"
 CHAT_JS = NODE_DIR / "examples" / "chat.js"
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def node_client() -> str:
-    """The node binary, with clients/node's dependencies installed (`npm ci` when missing)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail("node and npm are needed for the Node client tests (Node >= 18 on PATH)")
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, f"npm ci failed in {NODE_DIR}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-    return node
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +105,13 @@ def test_api_key_from_the_option_or_the_environment(node_client, tmp_path):
             assert proc.returncode == 3 and f"error: {code}" in proc.stderr, (args, proc.stderr)
     finally:
         srv.stop()
+
+
+def test_the_node_unit_tests_pass(node_client):
+    """clients/node's own tests (`npm test`: requests, the CLI, and the client against an
+    in-process fake ChatService, error details included), so `make test` runs them too."""
+    tests = sorted(str(p) for p in (NODE_DIR / "test").glob("*.test.js"))
+    assert tests
+    proc = subprocess.run([node_client, "--test", *tests], cwd=NODE_DIR, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "# fail 0" in proc.stdout

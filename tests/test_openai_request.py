@@ -127,6 +127,10 @@ def test_domain_messages_are_translated_to_the_clients_paths():
     assert m.translate("conversation.messages[0].content[0].text contains the reserved token <|media_pad|>") == \
         "messages[0].content contains the reserved token <|media_pad|>"
     assert m.translate("conversation.messages is empty") == "messages is empty"
+    # A limit on the whole conversation (e.g. its image count) names the messages, not a proto field.
+    assert m.param("conversation") == "messages"
+    assert m.translate("conversation has 9 images; the limit is 8") == "messages has 9 images; the limit is 8"
+    assert m.param(None, "conversation.messages[0] has no content") == "messages[0]"
     with pytest.raises(RequestError) as err:
         check_sampling(m.request.sampling, m.request.thinking)
     assert m.translate(str(err.value)).startswith("temperature is 9; allowed range is [0, 2]")

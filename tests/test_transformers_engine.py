@@ -157,3 +157,42 @@ def test_text_stream_holds_back_a_possible_stop_string(engine):
     assert s.stopped and out == "The quick brown "
     s = TextStream(tok)
     assert "".join(s.push(i) for i in ids) + s.finish() == "The quick brown fox jumps"
+
+
+def test_the_checkpoints_own_classes_load_even_with_vllms_config_registered(tiny_model):
+    """Our vLLM plugin registers vLLM's kimi_vl config with transformers (for the processor);
+    the Auto classes would then prefer it over the checkpoint's remote code, whose text config
+    carries fields vLLM's lacks (rope_theta): the engine must load what auto_map names."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from kimivl_inference import hf_processor
+    from kimivl_inference.transformers_engine import checkpoint_classes
+
+    hf_processor.register()
+    assert "kimi_vl" in CONFIG_MAPPING  # vLLM's, registered
+    config_cls, model_cls = checkpoint_classes(str(tiny_model))
+    assert config_cls.__module__.startswith("transformers_modules.") and config_cls.__name__ == "KimiVLConfig"
+    assert model_cls.__name__ == "KimiVLForConditionalGeneration"
+    assert config_cls.from_pretrained(str(tiny_model)).text_config.rope_theta == 800000.0
+
+
+@pytest.mark.parametrize("penalties", [dict(frequency_penalty=0.5), dict(presence_penalty=0.7),
+                                       dict(frequency_penalty=-0.3, presence_penalty=0.4, repetition_penalty=1.3)])
+def test_penalties_equal_vllms(penalties):
+    """The sampler's penalties against vLLM's own apply_penalties, on the same prompt and output."""
+    from vllm.model_executor.layers.utils import apply_penalties
+
+    from kimivl_inference.sampler import RequestSampling, _filtered
+
+    torch.manual_seed(0)
+    vocab, prompt, output = 50, [3, 7, 7, 11], [7, 20, 20, 20, 5]
+    logits = torch.randn(vocab)
+    state = RequestSampling(params(**penalties), prompt, "cpu")
+    for t in output:
+        state.observe(t)
+    ours = _filtered(logits.clone(), state)  # greedy: penalties only, as vLLM applies them before temperature
+    p = params(**penalties)
+    theirs = apply_penalties(logits.clone()[None], torch.tensor([prompt]), torch.tensor([output]),
+                             torch.tensor([p.presence_penalty]), torch.tensor([p.frequency_penalty]),
+                             torch.tensor([p.repetition_penalty]))[0]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)

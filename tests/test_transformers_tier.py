@@ -12,7 +12,6 @@ float32.) vLLM's CPU rotary kernel needs the fix in kimivl_inference.vllm_cpu_ro
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import time
 import urllib.request
@@ -23,16 +22,18 @@ import pytest
 from conftest import ROOT, ServerProcess, free_port, start_inference, start_preprocess, tiny_model_dir
 from kimivl.client import Client
 from kimivl.v1 import inference_pb2, inference_pb2_grpc, types_pb2
-from test_end_to_end import ASTRONAUT, CHELSEA, COFFEE, _mutations
+from prepared_cases import mutations
+from test_end_to_end import ASTRONAUT, CHELSEA, COFFEE
 
 pytestmark = pytest.mark.engine
 
 
 class NoVllmServer(ServerProcess):
+    """The tier through tests/no_vllm.py: `kimivl` with vLLM unimportable."""
+
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "no_vllm.py"), "serve", *self.args],
-                                     stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        self.cmd = [sys.executable, str(ROOT / "tests" / "no_vllm.py"), "serve", self.tier, *self.args]
+        super().start()
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_validation_before_the_engine_and_it_keeps_serving(hf_front, hf_tier):
     with Client(hf_front.target, timeout_s=120) as c:
         prompt = c.preprocess(["Look", COFFEE]).prompt
     good = _generate(hf_tier.target, prompt)
-    for name, mutate, fragment in _mutations(prompt):
+    for name, mutate, fragment in mutations(prompt):
         with pytest.raises(grpc.RpcError) as e:
             _generate(hf_tier.target, mutate())
         assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), name

@@ -8,20 +8,21 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+from kimivl_devtools.launch import ChildProcess
+
 from . import log
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/
 ROOT = os.path.dirname(BENCH)
 SHIM_ENV = "KIMIVL_BENCH_VLLM_SHIM"
-SOURCE_DIRS = [os.path.join(ROOT, "clients", "python"), os.path.join(ROOT, "services", "inference"),
-               os.path.join(ROOT, "services", "preprocess")]
+SOURCE_DIRS = [os.path.join(ROOT, "clients", "python"),
+               *(os.path.join(ROOT, "services", d) for d in ("common", "inference", "preprocess", "devtools"))]
 
 
 def free_port() -> int:
@@ -85,57 +86,24 @@ def kill_all() -> None:
         _LIVE.discard(proc)
 
 
-class Proc:
-    """A server process in its own process group, its output in a log file, optionally on a
-    set of CPUs (inherited by everything it starts)."""
+class Proc(ChildProcess):
+    """A benchmark's server process (kimivl_devtools.launch.ChildProcess: a session of its own,
+    optionally on a set of CPUs), its log in ``log_dir``, remembered for :func:`kill_all`."""
 
     def __init__(self, name: str, cmd: list[str], env: dict, log_dir: str, cpus: set[int] | None = None):
-        self.name, self.cmd, self.cpus = name, cmd, cpus
-        self.log_path = os.path.join(log_dir, f"{name.replace(':', '_')}.log")
-        self._log = open(self.log_path, "ab")
-        self._log.write(f"$ {shlex.join(cmd)}\n".encode())
-        self._log.flush()
-        pre = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        self.p = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                  start_new_session=True, preexec_fn=pre)
-        self.pid = self.p.pid
+        super().__init__(name, cmd, env=env, inherit_env=False, cwd=ROOT, cpus=cpus,
+                         log=os.path.join(log_dir, f"{name.replace(':', '_')}.log"))
+        self.p = self.proc
         _LIVE.add(self)
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def log_text(self) -> str:
-        with contextlib.suppress(OSError):
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        return ""
-
-    def terminate(self) -> None:
-        """SIGTERM without waiting: servers stopped together drain at once, not one after another."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                self.p.send_signal(signal.SIGTERM)
 
     def stop(self, grace_s: float = 60.0) -> None:
         if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                self.p.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
-                self.p.wait(grace_s)
+                self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
                 log(f"{self.name}: no exit {grace_s:.0f} s after SIGTERM; SIGKILL to its group")
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # leftovers (engine core, workers) of this group only
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.2)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.p.wait(5)
-        self._log.close()
+        super().stop(timeout_s=0)
         _LIVE.discard(self)
 
 

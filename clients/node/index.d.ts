@@ -139,17 +139,81 @@ export interface ChatRequest {
   request_id?: string;
 }
 
-export class KimiVLError extends Error {
+/** google.rpc.ErrorInfo: the stable reason (domain 'kimivl') and its metadata, e.g. {field, limit}. */
+export interface ErrorInfo {
+  reason: string;
+  domain: string;
+  metadata: Record<string, string>;
+}
+
+/** google.rpc.BadRequest.FieldViolation: the request field's path, e.g. 'conversation.messages[0].content[1].image'. */
+export interface FieldViolation {
+  field: string;
+  description: string;
+}
+
+/** google.rpc.QuotaFailure.Violation: a size or count limit the request went over. */
+export interface QuotaViolation {
+  subject: string;
+  description: string;
+}
+
+/** google.rpc.ResourceInfo: the limited resource, e.g. {resourceType: 'image', description: 'limit 8'}. */
+export interface ResourceInfo {
+  resourceType: string;
+  resourceName: string;
+  owner: string;
+  description: string;
+}
+
+/** One google.rpc.Status detail, unpacked: its type URL and the message's .proto fields. */
+export interface StatusDetail {
+  '@type': string;
+  [field: string]: unknown;
+}
+
+/** What a refusal's `grpc-status-details-bin` trailer says; null or empty where it has nothing. */
+export interface ErrorDetails {
+  /** ErrorInfo.reason: a stable code to branch on (docs/errors.md lists them). */
+  reason: string | null;
+  errorInfo: ErrorInfo | null;
+  fieldViolations: FieldViolation[];
+  quotaViolations: QuotaViolation[];
+  /** The first ResourceInfo. */
+  resourceInfo: ResourceInfo | null;
+  /** RetryInfo.retry_delay in milliseconds: set where retrying helps (UNAVAILABLE, draining). */
+  retryAfterMs: number | null;
+  /** Every detail, unpacked; a type this client does not know keeps its bytes as `value`. */
+  statusDetails: StatusDetail[];
+}
+
+export class KimiVLError extends Error implements ErrorDetails {
   /** The gRPC status number. */
   code: number;
   /** Its name, e.g. 'INVALID_ARGUMENT'. */
   codeName: string;
   /** The server's message. */
   details: string;
+  /** The call's trailers. */
   metadata?: grpc.Metadata;
+  reason: string | null;
+  errorInfo: ErrorInfo | null;
+  fieldViolations: FieldViolation[];
+  quotaViolations: QuotaViolation[];
+  resourceInfo: ResourceInfo | null;
+  retryAfterMs: number | null;
+  statusDetails: StatusDetail[];
   constructor(code: number, details: string, metadata?: grpc.Metadata);
   static from(err: unknown): KimiVLError;
+  /** Plain data: {code (the name), message, reason, errorInfo, fieldViolations, quotaViolations, resourceInfo, retryAfterMs}. */
+  toJSON(): Record<string, unknown>;
 }
+
+/** The details in `metadata`'s grpc-status-details-bin (empty when there is none or it does not decode). */
+export function readErrorDetails(metadata?: grpc.Metadata | null): ErrorDetails;
+/** A google.rpc.Status's bytes as {code, message, details}. */
+export function decodeStatus(blob: Uint8Array): { code: number; message: string; details: StatusDetail[] };
+export const STATUS_DETAILS_TRAILER: 'grpc-status-details-bin';
 
 export class KimiVLClient {
   constructor(target?: string, options?: ClientOptions);

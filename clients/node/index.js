@@ -20,6 +20,7 @@ const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const { readErrorDetails, decodeStatus, STATUS_DETAILS_TRAILER } = require('./error-details');
 
 const DEFAULT_PROTO_DIR = path.join(__dirname, '../../protos');
 const PROTO_FILES = ['kimivl/v1/chat.proto', 'kimivl/v1/preprocess.proto', 'kimivl/v1/types.proto'];
@@ -56,7 +57,13 @@ const STATUS_NAMES = Object.fromEntries(
   Object.entries(grpc.status).filter(([, v]) => typeof v === 'number').map(([k, v]) => [v, k]));
 
 // ---------------------------------------------------------------------------- errors
-/** A failed call: `code` is the gRPC status number, `codeName` its name, `details` the server's message. */
+/**
+ * A failed call: `code` is the gRPC status number, `codeName` its name, `details` the server's
+ * message, `metadata` the trailers. What programs read (the google.rpc details the servers attach,
+ * see error-details.js): `reason` (a stable code, e.g. 'LIMIT_EXCEEDED'), `errorInfo` ({reason,
+ * domain, metadata}), `fieldViolations` ([{field, description}]), `quotaViolations` ([{subject,
+ * description}]), `resourceInfo`, `retryAfterMs` (set where retrying helps) and `statusDetails`.
+ */
 class KimiVLError extends Error {
   constructor(code, details, metadata) {
     const codeName = STATUS_NAMES[code] || `STATUS_${code}`;
@@ -66,6 +73,16 @@ class KimiVLError extends Error {
     this.codeName = codeName;
     this.details = details;
     this.metadata = metadata;
+    Object.assign(this, readErrorDetails(metadata));
+  }
+
+  /** The error as plain data (what `JSON.stringify` writes); `statusDetails` is left out. */
+  toJSON() {
+    return {
+      code: this.codeName, message: this.details, reason: this.reason, errorInfo: this.errorInfo,
+      fieldViolations: this.fieldViolations, quotaViolations: this.quotaViolations, resourceInfo: this.resourceInfo,
+      retryAfterMs: this.retryAfterMs,
+    };
   }
 
   /** A KimiVLError from a grpc-js ServiceError (or anything thrown). */
@@ -336,6 +353,9 @@ class KimiVLClient {
 module.exports = {
   KimiVLClient,
   KimiVLError,
+  readErrorDetails,
+  decodeStatus,
+  STATUS_DETAILS_TRAILER,
   buildRequest,
   contentPart,
   samplingParameters,

@@ -9,7 +9,9 @@
  * text (as `kimivl chat` does). Thinking and answer print apart, each line prefixed `[thinking] `
  * or `[answer] `, then a `[usage] ` line. `--json` writes one JSON object a line instead:
  * `{"thinking", "answer", "token_ids"}` per delta, then `{"result": {...}}` (.proto field names).
- * Exit codes: 0 done, 2 bad arguments, 3 a gRPC error (`error: CODE: details` on stderr).
+ * Exit codes: 0 done, 2 bad arguments, 3 a gRPC error (`error: CODE: details` on stderr, then the
+ * error details' reason, field paths and retry delay; with --json also `{"error": {...}}` on stdout,
+ * KimiVLError's toJSON()).
  */
 const fs = require('node:fs');
 const { KimiVLClient, KimiVLError } = require('..');
@@ -202,6 +204,15 @@ async function run(client, parts, options, json) {
   if (!gotResult) throw new KimiVLError(2 /* UNKNOWN */, 'the stream ended without a result');
 }
 
+/** `error: CODE: message`, then what the error's details add: its reason, field paths, when to retry. */
+function errorLines(e) {
+  const lines = [`error: ${e.codeName}: ${e.details}`];
+  if (e.reason) lines.push(`  reason: ${e.reason}`);
+  for (const v of e.fieldViolations) lines.push(`  field: ${v.field}`);
+  if (e.retryAfterMs !== null) lines.push(`  retry after: ${e.retryAfterMs} ms`);
+  return `${lines.join('\n')}\n`;
+}
+
 async function main(argv) {
   let parsed;
   let parts;
@@ -228,8 +239,8 @@ async function main(argv) {
     return 0;
   } catch (e) {
     if (!(e instanceof KimiVLError)) throw e;
-    if (opts.json) process.stdout.write(`${JSON.stringify({ error: { code: e.codeName, message: e.details } })}\n`);
-    process.stderr.write(`error: ${e.codeName}: ${e.details}\n`);
+    if (opts.json) process.stdout.write(`${JSON.stringify({ error: e })}\n`);
+    process.stderr.write(errorLines(e));
     return EXIT_RPC;
   } finally {
     client.close();
@@ -243,4 +254,4 @@ if (require.main === module) {
   });
 }
 
-module.exports = { parseArgs, toPart, callOptions, usageLine, SectionWriter, main };
+module.exports = { parseArgs, toPart, callOptions, usageLine, errorLines, SectionWriter, main };

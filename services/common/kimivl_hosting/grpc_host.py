@@ -15,6 +15,7 @@ import signal
 from collections.abc import Iterable
 
 import grpc
+from google.rpc import error_details_pb2  # noqa: F401 - reflection serves google.rpc.* (see GrpcHost)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -108,7 +109,11 @@ def _counted(handler, drain: _Drain):
 
 
 class GrpcHost:
-    """A grpc.aio server serving ``services`` (full names) plus health and reflection."""
+    """A grpc.aio server serving ``services`` (full names) plus health and reflection.
+
+    Reflection also serves the google.rpc error detail types (imported above, so they are in the
+    descriptor pool before the first refusal): grpcurl resolves a status's details through it.
+    """
 
     def __init__(self, services: Iterable[str], *, max_message_bytes: int, options: Iterable = (),
                  interceptors: Iterable[grpc.aio.ServerInterceptor] = ()):

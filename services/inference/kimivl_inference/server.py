@@ -71,7 +71,8 @@ async def serve(args) -> int:
             servicer.raw_pixels = fastpath.raw_pixels and not getattr(cc, "cudagraph_mm_encoder", False)
             metrics.VISION_FASTPATH.set(int(fastpath.active))
             log.info("vision fast path %s", fastpath.detail)
-            if args.warmup_grids and not await _warm_up(servicer, tokenizer, args, engine):
+            # The warm-up compiles vLLM's graphs per grid; the Transformers engine has none to build.
+            if args.warmup_grids and args.engine == "vllm" and not await _warm_up(servicer, tokenizer, args, engine):
                 exit_code = 1
                 host.stop.set()
         if not exit_code and not host.stop.is_set():

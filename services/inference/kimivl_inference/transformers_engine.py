@@ -62,6 +62,8 @@ class SamplingParams:
     stop: list | None
     ignore_eos: bool
     max_tokens: int
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @dataclass
@@ -357,11 +359,30 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def checkpoint_classes(model_dir: str):
+    """(config class, model class): the checkpoint's own code where its config.json's ``auto_map``
+    names it (what trust_remote_code means), else the Auto classes. Resolved explicitly because
+    the Auto classes prefer a class registered for the same ``model_type`` in this process, and
+    vLLM's config for ``kimi_vl`` is registered wherever our vLLM plugin ran (it needs it for the
+    processor), whose text config lacks the fields this code reads."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    auto_map = json.loads((Path(model_dir) / "config.json").read_text()).get("auto_map", {})
+    if "AutoConfig" in auto_map and "AutoModelForCausalLM" in auto_map:
+        return (get_class_from_dynamic_module(auto_map["AutoConfig"], model_dir),
+                get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], model_dir))
+    return AutoConfig, AutoModelForCausalLM
+
+
 def start_transformers_engine(args):
     """(engine, tokenizer, preset) from the CLI options: the model loaded with trust_remote_code, on the
     GPU when there is one (``--device``), presets as for vLLM (max_num_seqs, max_model_len)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -374,7 +395,10 @@ def start_transformers_engine(args):
         preset = pick_preset(gpu_gb)
     else:
         preset = PRESETS_BY_NAME[args.preset]
-    config = AutoConfig.from_pretrained(args.model, trust_remote_code=True)
+    config_cls, model_cls = checkpoint_classes(args.model)
+    auto = model_cls is AutoModelForCausalLM
+    remote = {"trust_remote_code": True} if auto else {}  # the checkpoint's classes need no flag
+    config = config_cls.from_pretrained(args.model, **remote)
     dtype = getattr(config, "dtype", None) if args.dtype == "auto" else getattr(torch, args.dtype)
     dtype = dtype or torch.bfloat16
     attn = args.attn_implementation
@@ -387,14 +411,14 @@ def start_transformers_engine(args):
     t0 = time.perf_counter()
     if args.load_format == "dummy":
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=True, dtype=dtype,
-                                                     attn_implementation=attn)
+            model = (model_cls.from_config(config, dtype=dtype, attn_implementation=attn, **remote) if auto
+                     else model_cls._from_config(config, dtype=dtype, attn_implementation=attn))
         log.info("dummy weights: %d tensors N(0, 1/fan_in) from seed %d", init_dummy_weights(model, args.seed),
                  args.seed)
     else:
         # No device_map: it needs accelerate, which this path does not require.
-        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=dtype,
-                                                     attn_implementation=attn).to(device)
+        model = model_cls.from_pretrained(args.model, config=config, dtype=dtype, attn_implementation=attn,
+                                          **remote).to(device)
     model.eval().requires_grad_(False)
     if hasattr(model, "stack_experts"):
         model.stack_experts()  # one grouped matmul per expert projection (the project's modeling code)

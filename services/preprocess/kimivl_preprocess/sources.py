@@ -9,7 +9,6 @@ File paths are never accepted.
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import ipaddress
 import socket
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import aiohttp
+import pybase64
 from aiohttp.abc import AbstractResolver
 
 from kimivl_contract.errors import RequestError
@@ -68,7 +68,7 @@ def decode_data_uri(uri: str, field: str, max_bytes: int) -> bytes:
                            resource_exhausted=True)
     try:
         if header.endswith(";base64"):
-            data = base64.b64decode(payload, validate=True)
+            data = pybase64.b64decode(payload, validate=True)  # vLLM's decoder; SIMD, ~100x the stdlib's
         else:
             data = unquote_to_bytes(payload)
     except (binascii.Error, ValueError) as e:

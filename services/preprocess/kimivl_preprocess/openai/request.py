@@ -56,8 +56,8 @@ MESSAGE_KEYS = {"role", "content", "name", "reasoning_content", "reasoning", "to
 
 # A proto field path in a domain message (what RequestError messages start with or mention).
 _PROTO_PATH = re.compile(
-    r"conversation\.messages(?:\[(?P<i>\d+)\](?:(?P<role>\.role)|\.content\[(?P<j>\d+)\]"
-    r"(?P<tail>\.image(?:\.(?:data_uri|url|data))?|\.text)?)?)?"
+    r"\bconversation(?:\.messages(?:\[(?P<i>\d+)\](?:(?P<role>\.role)|\.content\[(?P<j>\d+)\]"
+    r"(?P<tail>\.image(?:\.(?:data_uri|url|data))?|\.text)?)?)?|(?!\w))"
     r"|sampling\.(?P<name>[a-z_]+)(?:\[(?P<k>\d+)\])?|thinking\.max_thinking_tokens")
 
 
@@ -76,7 +76,7 @@ class Mapped:
     stop_string: bool = False
 
     def _client_path(self, m: re.Match) -> str:
-        if m.group(0).startswith("conversation."):
+        if m.group(0).startswith("conversation"):  # the whole conversation, as a limit names it, is messages
             i, j, tail = m.group("i"), m.group("j"), m.group("tail") or ""
             if i is None:
                 return "messages"
