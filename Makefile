@@ -53,7 +53,7 @@ proto: install-base
 MODEL_SOURCES := services/devtools/kimivl_devtools/tiny_model.py $(wildcard services/modeling/kimivl_modeling/*.py)
 $(TINY_MODEL)/.made: $(MODEL_SOURCES) | install
 	$(BIN)/kimivl make-tiny-model --force $(TINY_MODEL) > /dev/null && touch $@
-$(DEMO_MODEL)/.made: $(MODEL_SOURCES) services/devtools/kimivl_devtools/demo_model.py \
+$(DEMO_MODEL)/.made: $(MODEL_SOURCES) $(wildcard services/devtools/kimivl_devtools/demo_*.py) \
 		services/devtools/kimivl_devtools/demo_weights.safetensors | install
 	$(BIN)/kimivl make-demo-model --force $(DEMO_MODEL) > /dev/null && touch $@
 

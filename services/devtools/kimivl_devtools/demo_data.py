@@ -24,6 +24,7 @@ SHAPES = ("circle", "square", "triangle")
 WORDS = ("CAT", "DOG", "SUN", "FISH", "TREE", "STAR")  # each at most 90 px wide at FONT_SIZE
 FONT_SIZE = 36
 WORD_SHARE = 1 / 3  # of the pictures
+GAP = 10  # pixels at least between two shapes: counting touching shapes is what takes longest to learn
 
 COUNT_QUESTIONS = ("How many shapes are there?", "How many are there?", "Count the shapes.")
 COLOUR_QUESTIONS = ("What colour are they?", "What color is it?", "Which colour do you see?")
@@ -89,9 +90,9 @@ def render(scene: Scene, rng: random.Random) -> Image.Image:
         return img
     boxes: list[tuple[int, int, int]] = []
     while len(boxes) < scene.count:
-        r = rng.randint(13, 18)
+        r = rng.randint(13, 17)
         cx, cy = rng.randint(r + 2, SIZE - r - 3), rng.randint(r + 2, SIZE - r - 3)
-        if all((cx - bx) ** 2 + (cy - by) ** 2 > (r + br + 4) ** 2 for bx, by, br in boxes):
+        if all((cx - bx) ** 2 + (cy - by) ** 2 > (r + br + GAP) ** 2 for bx, by, br in boxes):
             boxes.append((cx, cy, r))
     for cx, cy, r in boxes:
         if scene.shape == "circle":
