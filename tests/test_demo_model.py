@@ -72,6 +72,29 @@ def test_only_trained_tensors_are_committed_and_the_rest_rebuilds_from_the_seed(
     assert a[HEAD][~live].eq(0).all() and a[HEAD][live].abs().sum(-1).gt(0).all()
 
 
+def test_training_is_reproducible_and_changes_only_what_it_keeps():
+    """A few steps of both phases, twice: the same tensors bit for bit (the committed weights
+    come from the same code with more steps), each one moved from the seed's."""
+    from safetensors import safe_open
+
+    from kimivl_devtools.demo_model import base_tensors
+    from kimivl_devtools.demo_training import train
+
+    threads = torch.get_num_threads()
+    try:
+        runs = [train(vision_steps=2, vision_batch=4, steps=2, batch=2, examples=8, refresh=1, held=0, log_every=10)
+                for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (r["tensors"] for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = base_tensors()
+    moved = [k for k in a if k in base and not torch.equal(a[k].to(base[k].dtype), base[k])]
+    assert sorted(moved) == sorted(k for k in a if k in base)  # nothing kept that training left alone
+    with safe_open(str(WEIGHTS), framework="pt") as f:
+        assert set(f.keys()) == set(a)  # the committed file holds exactly what training yields
+
+
 @pytest.fixture(scope="module")
 def fronts(demo_model):
     """A front door per engine, each over its own inference tier on the demo model."""

@@ -180,9 +180,9 @@ def train_main(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m kimivl_devtools.demo_model train",
                                  description="Retrain the demo model's weights on the CPU and evaluate them.")
-    ap.add_argument("--vision-steps", type=int, default=800, help="steps of the vision phase")
+    ap.add_argument("--vision-steps", type=int, default=1000, help="steps of the vision phase")
     ap.add_argument("--vision-batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=600, help="steps of the chat phase")
+    ap.add_argument("--steps", type=int, default=700, help="steps of the chat phase")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=1)

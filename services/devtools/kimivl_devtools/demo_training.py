@@ -119,7 +119,7 @@ def _schedule(opt, steps: int):
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
-def train(vision_steps: int = 800, vision_batch: int = 32, steps: int = 600, batch: int = 16, lr: float = 3e-3,
+def train(vision_steps: int = 1000, vision_batch: int = 32, steps: int = 700, batch: int = 16, lr: float = 3e-3,
           seed: int = 1, threads: int = 1, examples: int = 4000, refresh: int = 8, held: int = 128,
           log_every: int = 25, eval_every: int = 100) -> dict:
     """Train; returns the trained tensors (float32) and a summary of the run."""
