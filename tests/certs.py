@@ -57,3 +57,36 @@ class CA:
         (directory / f"{cn}.crt").write_bytes(cert)
         (directory / f"{cn}.key").write_bytes(key)
         return directory / f"{cn}.crt", directory / f"{cn}.key"
+
+
+class SecretVolume:
+    """A directory laid out as the kubelet lays out a mounted Secret, and updated as it updates
+    one: each version of the files in a timestamped directory, ``..data`` a symlink to the current
+    one, each key a symlink through ``..data``; an update writes a new directory and renames a new
+    ``..data`` link over the old one, so every file changes at once."""
+
+    def __init__(self, directory: Path, files: dict[str, bytes]):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._version = 0
+        self.update(files)
+        for name in files:
+            (self.dir / name).symlink_to(f"..data/{name}")
+
+    def update(self, files: dict[str, bytes]) -> None:
+        self._version += 1
+        version = self.dir / f"..2026_12_01_00_00_00.{self._version}"
+        version.mkdir()
+        for name, data in files.items():
+            (version / name).write_bytes(data)
+        tmp = self.dir / "..data_tmp"
+        tmp.symlink_to(version.name)
+        tmp.replace(self.dir / "..data")
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+
+def tls_secret(ca: CA, cert_and_key: tuple[bytes, bytes]) -> dict[str, bytes]:
+    """A TLS Secret's entries under cert-manager's names: a (certificate, key) ``ca`` issued."""
+    return {"tls.crt": cert_and_key[0], "tls.key": cert_and_key[1], "ca.crt": ca.pem}

@@ -2,20 +2,26 @@
 pinned Kubernetes version's schemas, and agrees with the code: ports, health service names,
 CLI flags, the headless Service and the gRPC target, NetworkPolicy/PDB/HPA selectors,
 Prometheus annotations, drain vs. grace period, security context. The add-on components
-(KEDA's ScaledObject, the inference gateway's InferencePool and Endpoint Picker) are checked
-against their own schemas and against the tiers they scale or route to.
+(KEDA's ScaledObject, the inference gateway's InferencePool and Endpoint Picker, cert-manager's
+Issuers and Certificates) are checked against their own schemas and against the tiers they
+scale, route to or secure; the documented overlay + component combinations (COMBOS) are
+rendered and checked like the overlays: mutual TLS flags against the mounted Secrets, probes
+on the plaintext health port where the tier's port serves TLS, tracing's resource attributes.
 
 Needs `kubectl` (client with kustomize) on PATH and the project installed in the running
 interpreter's environment (the generated kimivl.v1 stubs and the `kimivl` CLI). No cluster.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import math
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,6 +31,22 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = ("cpu-dev", "gpu", "gpu-keda", "gpu-gateway")
+# The overlay + component combinations docs/kubernetes.md documents: rendered from a kustomization
+# made for the test (namespace kimivl, like the overlays), checked like the overlays.
+COMBOS = {
+    "cpu-dev+mtls": ("cpu-dev", ("mtls",)),
+    "cpu-dev+mtls+mtls-cert-manager": ("cpu-dev", ("mtls", "mtls-cert-manager")),
+    "cpu-dev+tracing": ("cpu-dev", ("tracing",)),
+    "gpu+mtls-cert-manager": ("gpu", ("mtls-cert-manager",)),
+    "gpu+tracing": ("gpu", ("tracing",)),
+    "gpu+mtls-cert-manager+tracing": ("gpu", ("mtls-cert-manager", "tracing")),
+    "gpu-keda+mtls-cert-manager+tracing": ("gpu-keda", ("mtls-cert-manager", "tracing")),
+    "gpu-gateway+tracing": ("gpu-gateway", ("tracing",)),
+}
+DEPLOYABLE = (*OVERLAYS, *COMBOS)
+# Which of them have mutual TLS between the tiers (gpu and what is built on it: on by default).
+MTLS = tuple(o for o in DEPLOYABLE if o.startswith("gpu") or "mtls" in o.split("+"))
+TRACED = tuple(o for o in DEPLOYABLE if "tracing" in o.split("+"))
 # Schemas of this Kubernetes version (kubernetes-validate ships them; works offline). The
 # oldest minor release the manifests support: HPA autoscaling/v2, PDB
 # unhealthyPodEvictionPolicy and native gRPC probes are all GA by 1.30.
@@ -46,8 +68,31 @@ def _kubectl() -> str:
 
 
 @functools.cache
+def _combos_dir() -> Path:
+    where = tempfile.mkdtemp(prefix="kimivl-k8s-combos-")
+    atexit.register(shutil.rmtree, where, True)
+    return Path(where)
+
+
+def _source(directory: str) -> Path:
+    """k8s/<directory>, or for overlays/<combo> a kustomization of that combination."""
+    name = directory.removeprefix("overlays/")
+    if name not in COMBOS:
+        return K8S / directory
+    overlay, components = COMBOS[name]
+    where = _combos_dir() / name
+    where.mkdir(exist_ok=True)
+    rel = lambda p: os.path.relpath(p, where)  # noqa: E731 - kustomize takes no absolute paths
+    (where / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "kimivl",
+        "resources": [rel(K8S / "overlays" / overlay)],
+        "components": [rel(K8S / "components" / c) for c in components]}))
+    return where
+
+
+@functools.cache
 def _render(directory: str) -> str:
-    proc = subprocess.run([_kubectl(), "kustomize", str(K8S / directory)],
+    proc = subprocess.run([_kubectl(), "kustomize", str(_source(directory))],
                           capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         pytest.fail(f"`kubectl kustomize k8s/{directory}` failed (rc {proc.returncode}):\n"
@@ -97,8 +142,10 @@ def _cpu_cores(quantity: str | int | float) -> float:
     return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
 
 
-def _env(docs: list[dict], container: dict) -> dict[str, str]:
-    """The container's environment as the kubelet builds it: envFrom first, then env."""
+def _env(docs: list[dict], container: dict, fields: dict[str, str] | None = None) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: envFrom first, then env, each $(VAR)
+    expanded from the entries before it. ``fields``: the downward API's values by fieldPath
+    (unknown ones become ``<fieldRef:PATH>``)."""
     configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in _all(docs, "ConfigMap")}
     env: dict[str, str] = {}
     for source in container.get("envFrom") or []:
@@ -126,6 +173,9 @@ def _env(docs: list[dict], container: dict) -> dict[str, str]:
             assert resource == "cpu", f"{name}: only cpu resourceFieldRefs are understood here"
             divisor = _cpu_cores(ref.get("divisor", "1"))
             env[name] = str(math.ceil(_cpu_cores(value) / divisor))
+        elif "fieldRef" in source:
+            path = source["fieldRef"]["fieldPath"]
+            env[name] = (fields or {}).get(path, f"<fieldRef:{path}>")
         else:
             env[name] = f"<{next(iter(source))}>"
     return env
@@ -260,6 +310,25 @@ def _validate_scaled_object(doc: dict) -> list[str]:
     return [f"{path}: not in KEDA's ScaledObject schema (or not of its type)" for path in _diff(doc, back)]
 
 
+def _validate_cert_manager(doc: dict) -> list[str]:
+    """cert-manager's Issuer and Certificate against the models that cloudcoil-models-cert-manager
+    generates from cert-manager 1.17.1's CRDs (the newest release of it for Python below 3.14),
+    with the same round trip as the ScaledObject's: a field the CRD lacks does not survive it."""
+    try:
+        from cloudcoil.models.cert_manager import v1
+    except ImportError:
+        pytest.fail("cloudcoil-models-cert-manager is not installed: pip install "
+                    "'cloudcoil-models-cert-manager==1.17.1.0' (cert-manager's CRD schemas)", pytrace=False)
+    from pydantic import ValidationError
+
+    model = {"Issuer": v1.Issuer, "Certificate": v1.Certificate}[doc["kind"]]
+    try:
+        back = model.model_validate(doc).model_dump(by_alias=True, exclude_unset=True, mode="json")
+    except ValidationError as e:
+        return [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+    return [f"{path}: not in cert-manager's {doc['kind']} schema (or not of its type)" for path in _diff(doc, back)]
+
+
 def _diff(a, b, path: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [p for k in a.keys() | b.keys() for p in _diff(a.get(k), b.get(k), f"{path}.{k}".lstrip("."))]
@@ -317,17 +386,19 @@ def _validate_inference_pool(doc: dict) -> list[str]:
 CUSTOM_RESOURCES = {
     ("keda.sh/v1alpha1", "ScaledObject"): _validate_scaled_object,
     ("inference.networking.k8s.io/v1", "InferencePool"): _validate_inference_pool,
+    ("cert-manager.io/v1", "Issuer"): _validate_cert_manager,
+    ("cert-manager.io/v1", "Certificate"): _validate_cert_manager,
 }
 
 
 # --------------------------------------------------------------------------- render + schema
-@pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
+@pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in DEPLOYABLE)])
 def test_kustomize_builds(directory):
     docs = _docs(directory)
     assert _all(docs, "Deployment"), f"k8s/{directory} renders no Deployment"
 
 
-@pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
+@pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in DEPLOYABLE)])
 def test_validates_against_kubernetes_schemas(directory):
     import kubernetes_validate
 
@@ -350,7 +421,7 @@ def test_validates_against_kubernetes_schemas(directory):
 
 
 # --------------------------------------------------------------------------- agreement
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_namespace(overlay):
     docs = _docs(f"overlays/{overlay}")
     namespaces = {d["metadata"]["name"] for d in _all(docs, "Namespace")}
@@ -359,7 +430,7 @@ def test_namespace(overlay):
     assert used <= namespaces, f"namespace {used} is not created by the overlay"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_ports_match_cli_args(overlay):
     docs, deploys = _deployments(overlay)
     for name, deploy in deploys.items():
@@ -382,18 +453,25 @@ def test_ports_match_cli_args(overlay):
                 f"Service {name} port {sp['name']} targets {target}, not a containerPort")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_probes_use_registered_health_services(overlay):
     docs, deploys = _deployments(overlay)
     registered = _health_services()
     for name, deploy in deploys.items():
         container = _container(deploy)
         _, flags = _args(docs, deploy)
+        # The kubelet's gRPC probe is plaintext with no client certificate: against a TLS port it
+        # fails, so a tier serving TLS is probed on its plaintext --health-port.
+        probed = int(flags["--health-port"]) if "--tls-cert-file" in flags else int(flags["--port"])
+        if "--health-port" in flags:
+            assert int(flags["--health-port"]) == _port(container, "health") != int(flags["--port"])
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = container.get(kind)
             assert probe and "grpc" in probe, f"{name}: no native gRPC {kind}"
             grpc = probe["grpc"]
-            assert grpc["port"] == int(flags["--port"]), f"{name}: {kind} probes another port"
+            assert grpc["port"] == probed, (
+                f"{name}: {kind} probes {grpc['port']}, not {probed} "
+                f"({'the plaintext --health-port: --port serves TLS' if '--tls-cert-file' in flags else '--port'})")
             service = grpc.get("service", "")
             assert service in registered[name], (
                 f"{name}: {kind} asks health for {service!r}; the server registers "
@@ -404,7 +482,7 @@ def test_probes_use_registered_health_services(overlay):
     assert budget >= 600, f"inference startupProbe allows only {budget} s for model loading"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_cli_flags_exist(overlay):
     """Every --flag the containers pass is one `kimivl serve <tier> --help` lists."""
     docs, deploys = _deployments(overlay)
@@ -424,7 +502,7 @@ def test_cli_flags_exist(overlay):
                 assert not unknown, f"make-tiny-model has no {unknown}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_inference_target_is_headless_service(overlay):
     docs, deploys = _deployments(overlay)
     service = _one(docs, "Service", INFERENCE)
@@ -450,7 +528,7 @@ def test_inference_target_is_headless_service(overlay):
     assert pre_flags["--model"] == inf_flags["--model"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_tier_limits_agree(overlay):
     """The front door must not accept what the engine will refuse (server defaults where unset)."""
     docs, deploys = _deployments(overlay)
@@ -464,7 +542,7 @@ def test_tier_limits_agree(overlay):
     assert pre.get("--max-message-mb") == inf.get("--max-message-mb")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_network_policy(overlay):
     docs, deploys = _deployments(overlay)
     inf_labels, pre_labels = _pod_labels(deploys[INFERENCE]), _pod_labels(deploys[PREPROCESS])
@@ -512,7 +590,7 @@ def test_network_policy(overlay):
         assert any(allows(r, pre_c, "metrics") for r in pre_rules), "Prometheus cannot scrape"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_prometheus_annotations(overlay):
     docs, deploys = _deployments(overlay)
     for name, deploy in deploys.items():
@@ -525,7 +603,7 @@ def test_prometheus_annotations(overlay):
             f"--metrics-port {flags['--metrics-port']}")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_hpa_targets_preprocess(overlay):
     docs, deploys = _deployments(overlay)
     hpas = _all(docs, "HorizontalPodAutoscaler")
@@ -544,7 +622,7 @@ def test_hpa_targets_preprocess(overlay):
     assert "replicas" not in deploys[PREPROCESS]["spec"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_pdb_selectors(overlay):
     docs, deploys = _deployments(overlay)
     covered = set()
@@ -562,7 +640,7 @@ def test_pdb_selectors(overlay):
         assert "app.kubernetes.io/name" in labels
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_drain_fits_grace_period(overlay):
     docs, deploys = _deployments(overlay)
     for name, deploy in deploys.items():
@@ -577,7 +655,7 @@ def test_drain_fits_grace_period(overlay):
             f"{name}: terminationGracePeriodSeconds {grace} <= drain {drain} + preStop {m.group(1)}")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_security_context(overlay):
     _, deploys = _deployments(overlay)
     for name, deploy in deploys.items():
@@ -597,7 +675,7 @@ def test_security_context(overlay):
             assert (sc.get("seccompProfile") or {"type": "RuntimeDefault"})["type"] == "RuntimeDefault"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_writable_dirs_and_model(overlay):
     """Read-only root FS: caches on an emptyDir; the model dir on the model volume."""
     docs, deploys = _deployments(overlay)
@@ -842,18 +920,18 @@ IMAGES["gpu-gateway"] = {**IMAGES["gpu"], "kimivl-inference-epp/epp":
                          "registry.k8s.io/gateway-api-inference-extension/epp:v1.5.0"}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_images_per_overlay(overlay):
     found = {}
     for deploy in _all(_docs(f"overlays/{overlay}"), "Deployment"):
         pod = deploy["spec"]["template"]["spec"]
         for c in pod["containers"] + (pod.get("initContainers") or []):
             found[f"{deploy['metadata']['name']}/{c['name']}"] = c["image"]
-    assert found == IMAGES[overlay]
+    assert found == IMAGES[COMBOS[overlay][0] if overlay in COMBOS else overlay]
 
 
 # --------------------------------------------------------------------------- the OpenAI port and API keys
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_http_port_is_served_exposed_and_reachable(overlay):
     """--http-port is the containerPort named http, the front door's Service forwards to it, and
     the NetworkPolicy leaves it open like the gRPC port (it is the front door too)."""
@@ -877,7 +955,7 @@ def test_http_port_is_served_exposed_and_reachable(overlay):
     assert "--http-port" in flags and container["readinessProbe"]["grpc"]["port"] == int(flags["--port"])
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYABLE)
 def test_api_keys_come_from_an_optional_secret(overlay):
     """The kimivl-api-keys Secret is mounted read-only (optional, so an overlay without keys needs
     none); --api-keys-file is empty (off) or a file inside that mount. gpu (production) requires
@@ -897,3 +975,168 @@ def test_api_keys_come_from_an_optional_secret(overlay):
         assert _mount_for(deploy, container, keys_file)[0] == path, f"{keys_file} is not in the Secret's mount"
         assert keys_file.rsplit("/", 1)[1] == "keys", "the Secret's entry is named keys (--from-file=keys=...)"
     assert bool(keys_file) == overlay.startswith("gpu"), f"{overlay}: --api-keys-file {keys_file!r}"
+
+
+# --------------------------------------------------------------------------- mutual TLS, tracing
+# The Secrets of k8s/components/mtls (cert-manager's key names) and the flags that read them:
+# tier -> (Secret, {flag: key}).
+MTLS_FILES = {
+    INFERENCE: ("kimivl-inference-tls", {"--tls-cert-file": "tls.crt", "--tls-key-file": "tls.key",
+                                         "--tls-client-ca-file": "ca.crt"}),
+    PREPROCESS: ("kimivl-preprocess-client-tls", {"--inference-tls-cert-file": "tls.crt",
+                                                  "--inference-tls-key-file": "tls.key",
+                                                  "--inference-tls-ca-file": "ca.crt"}),
+}
+
+
+def _secret_file(deploy: dict, path: str) -> tuple[str, str, dict]:
+    """(Secret name, key, volumeMount) of the Secret entry the container reads at ``path``."""
+    container = _container(deploy)
+    mount_path, volume, read_only = _mount_for(deploy, container, path) or (None, {}, False)
+    secret = volume.get("secret")
+    assert secret, f"{deploy['metadata']['name']}: {path} is on no Secret volume"
+    assert read_only, f"{deploy['metadata']['name']}: the Secret at {mount_path} is mounted writable"
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_path]
+    # subPath mounts are never refreshed by the kubelet: a renewed Secret would not reach the pod.
+    assert "subPath" not in mount and "subPathExpr" not in mount, f"{path}: a subPath mount does not rotate"
+    name = path[len(mount_path):].lstrip("/")
+    items = {i["path"]: i["key"] for i in secret.get("items") or []}
+    return secret["secretName"], items.get(name, name), secret
+
+
+@pytest.mark.parametrize("overlay", MTLS)
+def test_mtls_flags_read_the_mounted_secrets(overlay):
+    """The inference tier requires client certificates of the CA; the front door presents its own
+    and verifies the inference tier's; every file a flag names is in its tier's Secret, under
+    cert-manager's key names, mounted read-only as a directory; the pods wait for the Secrets."""
+    docs, deploys = _deployments(overlay)
+    for name, (secret_name, files) in MTLS_FILES.items():
+        _, flags = _args(docs, deploys[name])
+        for flag, key in files.items():
+            assert flags.get(flag), f"{name}: {flag} is not passed"
+            assert flag in _cli_flags("serve", TIERS[name])
+            found, found_key, secret = _secret_file(deploys[name], flags[flag])
+            assert (found, found_key) == (secret_name, key), (
+                f"{name}: {flag} {flags[flag]} reads {found}/{found_key}, not {secret_name}/{key}")
+            assert not secret.get("optional"), f"{name}: {secret_name} is optional: the pod would start without TLS"
+            assert secret.get("defaultMode", 0o644) & 0o007 == 0, f"{secret_name}: the key is world-readable"
+    _, inference = _args(docs, deploys[INFERENCE])
+    _, front = _args(docs, deploys[PREPROCESS])
+    assert "--tls-cert-file" not in front, "the front door's own port stays plaintext here (probes on --port)"
+    # The Service no longer claims cleartext HTTP/2 for a TLS port.
+    (grpc_port,) = [p for p in _one(docs, "Service", INFERENCE)["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc_port.get("appProtocol") != "kubernetes.io/h2c"
+    assert int(inference["--health-port"]) != int(inference["--port"])
+
+
+@pytest.mark.parametrize("overlay", MTLS)
+def test_health_port_is_closed_to_other_pods(overlay):
+    """The plaintext health port is for the kubelet (from the node): no NetworkPolicy rule opens it."""
+    docs, deploys = _deployments(overlay)
+    _, flags = _args(docs, deploys[INFERENCE])
+    health = int(flags["--health-port"])
+    rules = [r for p in _all(docs, "NetworkPolicy") if _selects(p["spec"]["podSelector"], _pod_labels(deploys[INFERENCE]))
+             for r in p["spec"].get("ingress") or []]
+    assert rules
+    for rule in rules:
+        ports = rule.get("ports")
+        assert ports, "an ingress rule opens every port of the inference pods"
+        assert not any(p.get("port") in (health, "health") or
+                       (isinstance(p.get("port"), int) and p["port"] <= health <= p.get("endPort", -1))
+                       for p in ports), f"a NetworkPolicy opens the plaintext health port {health}"
+
+
+def test_mtls_is_on_in_production_and_off_in_cpu_dev():
+    for overlay in ("gpu", "gpu-keda", "gpu-gateway"):
+        docs, deploys = _deployments(overlay)
+        assert _args(docs, deploys[INFERENCE])[1].get("--tls-client-ca-file"), f"{overlay}: mutual TLS is off"
+        assert _args(docs, deploys[PREPROCESS])[1].get("--inference-tls-cert-file"), f"{overlay}: no client cert"
+    docs, deploys = _deployments("cpu-dev")
+    for name, deploy in deploys.items():
+        _, flags = _args(docs, deploy)
+        assert not set(flags) & {"--tls-cert-file", "--inference-tls-ca-file", "--health-port"}, name
+
+
+CERT_MANAGED = tuple(o for o in DEPLOYABLE if "mtls-cert-manager" in o.split("+"))
+
+
+@pytest.mark.parametrize("overlay", CERT_MANAGED)
+def test_cert_manager_issues_the_mounted_secrets(overlay):
+    """Each Secret the tiers mount is a Certificate's, issued by this deployment's CA (an Issuer
+    in the namespace, chained to a self-signed one); the inference certificate names what the
+    front door dials; server and client usages where each side needs them."""
+    docs, deploys = _deployments(overlay)
+    ns = deploys[INFERENCE]["metadata"]["namespace"]
+    issuers = {d["metadata"]["name"]: d for d in _all(docs, "Issuer")}
+    certs = {d["spec"]["secretName"]: d for d in _all(docs, "Certificate")}
+    for d in [*issuers.values(), *certs.values()]:
+        assert d["metadata"]["namespace"] == ns, f"{d['kind']}/{d['metadata']['name']} is not in {ns}"
+
+    def issuer(cert: dict) -> dict:
+        ref = cert["spec"]["issuerRef"]
+        assert ref.get("kind", "Issuer") == "Issuer" and ref.get("group", "cert-manager.io") == "cert-manager.io"
+        assert ref["name"] in issuers, f"{cert['metadata']['name']}: no Issuer {ref['name']}"
+        return issuers[ref["name"]]
+
+    leaves = {}
+    for name, (secret_name, _) in MTLS_FILES.items():
+        assert secret_name in certs, f"no Certificate makes the Secret {secret_name}"
+        cert = leaves[name] = certs[secret_name]
+        ca_issuer = issuer(cert)
+        assert "ca" in ca_issuer["spec"], f"{secret_name} is not signed by a CA Issuer"
+        ca_cert = certs[ca_issuer["spec"]["ca"]["secretName"]]
+        assert ca_cert["spec"].get("isCA") is True
+        assert "selfSigned" in issuer(ca_cert)["spec"]
+        # The CA keeps its key across renewals, so what it signed before still verifies.
+        assert ca_cert["spec"]["privateKey"]["rotationPolicy"] == "Never"
+        assert not cert["spec"].get("isCA")
+    # Both tiers trust the same CA (the ca.crt each Secret carries is the issuer's).
+    assert issuer(leaves[INFERENCE]) is issuer(leaves[PREPROCESS])
+    assert "server auth" in leaves[INFERENCE]["spec"]["usages"]
+    assert "client auth" in leaves[PREPROCESS]["spec"]["usages"]
+    # What the front door checks the inference tier's certificate against: the target's host.
+    _, front = _args(docs, deploys[PREPROCESS])
+    host = front.get("--inference-tls-server-name") or urlsplit(front["--inference-target"]).path.lstrip("/").rsplit(":", 1)[0]
+    assert host in leaves[INFERENCE]["spec"]["dnsNames"], (
+        f"the front door dials {host}; the inference certificate names {leaves[INFERENCE]['spec']['dnsNames']}")
+    for cert in leaves.values():  # renewed well before expiry
+        assert _hours(cert["spec"]["renewBefore"]) * 2 <= _hours(cert["spec"]["duration"])
+
+
+def _hours(duration: str) -> float:
+    m = re.fullmatch(r"(\d+)h", duration)
+    assert m, f"duration {duration!r}: write it in hours"
+    return float(m.group(1))
+
+
+POD_FIELDS = {"metadata.name": "kimivl-inference-7d4b9c6f5-x2x8q", "metadata.namespace": "kimivl",
+              "spec.nodeName": "gpu-node-3"}
+
+
+def _resource_attributes(env: dict[str, str]) -> dict[str, str]:
+    pairs = [kv.split("=", 1) for kv in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",") if kv]
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+@pytest.mark.parametrize("overlay", TRACED)
+def test_tracing_component_names_service_and_pod(overlay):
+    docs, deploys = _deployments(overlay)
+    for name, deploy in deploys.items():
+        container = _container(deploy)
+        _, flags = _args(docs, deploy)
+        assert "--otlp-traces-endpoint" in _cli_flags("serve", TIERS[name])
+        endpoint = urlsplit(flags.get("--otlp-traces-endpoint") or "")
+        # http:// = plaintext OTLP/gRPC, the one vLLM's exporter speaks.
+        assert endpoint.scheme == "http" and endpoint.hostname and endpoint.port, flags.get("--otlp-traces-endpoint")
+        env = _env(docs, container, POD_FIELDS)
+        assert env["OTEL_SERVICE_NAME"] == name
+        attrs = _resource_attributes(env)
+        unresolved = {k: v for k, v in attrs.items() if "$(" in v or "<" in v}
+        assert not unresolved, f"{name}: OTEL_RESOURCE_ATTRIBUTES refers to variables not defined before it: {unresolved}"
+        assert attrs["k8s.pod.name"] == POD_FIELDS["metadata.name"]
+        assert attrs["k8s.namespace.name"] == POD_FIELDS["metadata.namespace"]
+        assert attrs["k8s.deployment.name"] == name and attrs["k8s.container.name"] == container["name"]
+    for overlay in OVERLAYS:
+        docs, deploys = _deployments(overlay)
+        for deploy in deploys.values():
+            assert "--otlp-traces-endpoint" not in _args(docs, deploy)[1], f"{overlay}: tracing is an add-on"

@@ -130,7 +130,10 @@ def test_an_error_before_the_first_token_keeps_its_status(sdk, fake, code, statu
             r = ask(sdk, stream=stream, max_tokens=5)
             list(r) if stream else None
         assert e.value.status_code == status
-        assert e.value.body["message"].endswith("max_tokens: over what the engine allows")
+        if status == 503:  # not the tier's own words (no kimivl ErrorInfo): gRPC's may name addresses
+            assert e.value.body["message"] == "inference tier unavailable; retry later"
+        else:
+            assert e.value.body["message"].endswith("max_tokens: over what the engine allows")
         if status == 400:
             assert e.value.body["param"] == "max_tokens"
         if status == 503:
@@ -144,7 +147,7 @@ def test_a_client_that_leaves_cancels_the_inference_call(sdk, fake):
     stream = ask(sdk, stream=True)
     next(iter(stream))
     stream.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # generous: a loaded 2-core CI box; the stream alone would last 60 s
     while fake.cancelled == before:
         assert time.monotonic() < deadline, "the inference call went on after its client left"
         time.sleep(0.1)

@@ -154,12 +154,16 @@ def test_reflection_lists_the_services(front_door_alone):
     assert {"kimivl.v1.ChatService", "kimivl.v1.PreprocessService", "grpc.health.v1.Health"} <= names
 
 
-def test_chat_without_inference_tier_is_unavailable_with_a_clear_message(stubs):
+def test_chat_without_inference_tier_is_unavailable_with_a_clear_message(stubs, front_door_alone):
     _, chat = stubs
     with pytest.raises(grpc.RpcError) as e:
         list(chat.Chat(chat_pb2.ChatRequest(conversation=conversation(text("hello"))), timeout=30))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "inference tier unavailable at 127.0.0.1:" in e.value.details()
+    assert "inference tier unavailable" in e.value.details()
+    # The internal address is for the operator's log, not the client.
+    target = front_door_alone.args[front_door_alone.args.index("--inference-target") + 1]
+    assert target not in e.value.details() and "127.0.0.1" not in e.value.details()
+    assert f"inference tier {target} unavailable" in front_door_alone.tail(200)
 
 
 def _big_png() -> bytes:
@@ -186,15 +190,16 @@ BAD_PREPROCESS = {
                        "is not a data URI"),
     "file url": (conversation(image(url="file:///etc/passwd")), grpc.StatusCode.INVALID_ARGUMENT,
                  "only http and https"),
-    "reserved token in text": (conversation(text("sneaky <|media_pad|> token")), grpc.StatusCode.INVALID_ARGUMENT,
-                               "reserved token <|media_pad|>"),
     "image in assistant message": (conversation(image(data=ASTRONAUT), role=types_pb2.ROLE_ASSISTANT),
                                    grpc.StatusCode.INVALID_ARGUMENT, "only user messages take images"),
     "too many images": (conversation(*[image(data=COFFEE)] * 9), grpc.StatusCode.RESOURCE_EXHAUSTED,
                         "9 images; the limit is 8"),
     "too many pixels": (conversation(image(data=_big_png())), grpc.StatusCode.RESOURCE_EXHAUSTED, "178956970"),
-    "prompt longer than the context": (conversation(text("red green blue " * 6000)),
+    "prompt longer than the context": (conversation(text("red green blue " * 3500)),
                                        grpc.StatusCode.INVALID_ARGUMENT, "the model's context is"),
+    "text longer than any prompt could be": (conversation(text("red green blue " * 6000)),
+                                             grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                             "is 90000 characters; the limit is 65536 (the 8192-token context"),
 }
 
 
@@ -214,6 +219,9 @@ BAD_RAW = {
     "marker count": (types_pb2.RawPrompt(text="<image> and <image>", images=[types_pb2.Image(data=COFFEE)]),
                      "raw_prompt.text has 2 <image> markers but raw_prompt.images has 1"),
     "empty raw text": (types_pb2.RawPrompt(text="  "), "raw_prompt.text is empty"),
+    # Raw prompts are verbatim (their control tokens count), but image slots are the server's.
+    "media token in raw text": (types_pb2.RawPrompt(text="sneaky <|media_pad|> token"),
+                                "raw_prompt.text contains the reserved token <|media_pad|>"),
 }
 
 
@@ -243,7 +251,7 @@ def test_private_urls_are_refused_by_default(stubs, url):
         finally:
             await f.close()
 
-    with pytest.raises(RequestError, match="private, loopback or link-local"):
+    with pytest.raises(RequestError, match="non-public addresses"):
         asyncio.run(go())
 
 

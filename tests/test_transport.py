@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from certs import CA
 from conftest import free_port, start_inference, start_preprocess
 from kimivl.client import Client, Unavailable
+from kimivl_devtools.launch import TierProcess
 from kimivl_hosting.grpc_host import GrpcHost
 from kimivl_hosting.tls import channel_credentials, server_tls
 
@@ -146,8 +147,10 @@ def test_tiers_talk_over_mutual_tls(tmp_path):
     client_cert, client_key = client_ca.write(tmp_path, "front-door", server=False)
     (tmp_path / "server-ca.pem").write_bytes(server_ca.pem)
     (tmp_path / "client-ca.pem").write_bytes(client_ca.pem)
+    health_port = free_port()
     inf = start_inference(extra=["--tls-cert-file", str(cert), "--tls-key-file", str(key),
-                                 "--tls-client-ca-file", str(tmp_path / "client-ca.pem")])
+                                 "--tls-client-ca-file", str(tmp_path / "client-ca.pem"),
+                                 "--health-port", str(health_port)])
     tls = ["--inference-tls-ca-file", str(tmp_path / "server-ca.pem"),
            "--inference-tls-server-name", "kimivl-inference"]
     with_cert = start_preprocess(f"localhost:{inf.port}", extra=[
@@ -158,7 +161,18 @@ def test_tiers_talk_over_mutual_tls(tmp_path):
                                  options=[("grpc.ssl_target_name_override", "kimivl-inference")]) as ch:
             with pytest.raises(grpc.RpcError):  # no client certificate: the handshake fails
                 health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        deadline = time.monotonic() + 300
+        # What the kubelet's probes reach: plaintext health Check on --health-port, NOT_SERVING
+        # while the engine starts, then SERVING.
+        probe = TierProcess("inference", [], health_port, start=False)
+        seen = []
+        deadline = time.monotonic() + 600  # vLLM's start on a busy CPU machine
+        while not seen or seen[-1] != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline and inf.proc.poll() is None, "the engine did not start"
+            status = probe.health("kimivl.v1.InferenceService")
+            if status is not None and status not in seen:
+                seen.append(status)
+            time.sleep(0.5)
+        assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
         with Client(with_cert.target, timeout_s=300) as c:
             while True:  # health needs a client certificate too: wait through the front door
                 try:

@@ -66,6 +66,9 @@ class Bench:
         a = self.a
         return {"argv": [sys.executable, *sys.argv], "cmd": shlex.join([sys.executable, *sys.argv]),
                 "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                # the clock of window_s and t_start/t_end: time.perf_counter() (CLOCK_MONOTONIC, one for
+                # every process of the machine) at this value; probes in the servers align by it
+                "clock_t0_perf_counter_s": _t0(),
                 "host": host.node(), "cpu": host.cpu_model(), "cores": os.cpu_count(), "mem_gib": host.mem_gib(),
                 "gpu": host.gpu_name(), "versions": host.versions(), "git": host.git(),
                 "model": os.path.abspath(a.model), "mode": "cpu" if a.cpu else "gpu", "engine": self.e,

@@ -153,6 +153,14 @@ class InferenceTier:
         self.port = free_port()
 
 
+def _engine_threads(on_gpu: bool):
+    try:
+        from kimivl_inference.engine_threads import engine_threads
+    except ImportError:  # a project from before it: the engine starts as vLLM starts it
+        return contextlib.nullcontext("vLLM's default (this project has no kimivl_inference.engine_threads)")
+    return engine_threads(1, on_gpu)
+
+
 class CeilingEngine:
     """AsyncLLM in this process, with the front door's pipeline in-process to prepare its input."""
 
@@ -228,9 +236,17 @@ class CeilingEngine:
         if self.pl.engine:  # the engine core is started from this thread and inherits its CPUs
             os.sched_setaffinity(0, self.pl.engine)
         try:
-            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+            # as the inference tier starts its engine (kimivl_inference.engine_threads): on a GPU a
+            # spawned engine core with one torch thread, not a fork keeping this process's count
+            with _engine_threads(not a.cpu) as threads:
+                self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
         finally:
             os.sched_setaffinity(0, own)
+        import torch
+
+        # what a forked engine core would have kept: torch's count here, taken from this process's CPUs when it loaded
+        self.info["engine_torch_threads"] = threads
+        self.info["bench_torch_threads"] = torch.get_num_threads()
         self.info["start_s"] = round(time.perf_counter() - t, 1)
         self.info["engine_kwargs"] = kw
         sender.engine = self.engine

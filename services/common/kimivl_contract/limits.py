@@ -5,7 +5,7 @@ return it verbatim. Pure Python on purpose.
 """
 from __future__ import annotations
 
-from .errors import RequestError
+from .errors import Reason, RequestError
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_BYTES = 256
@@ -47,7 +47,8 @@ def check_context(prompt_tokens: int, max_tokens: int | None, max_model_len: int
     """prompt + max_tokens (when set) fit the context, and the prompt leaves room to generate."""
     if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
         raise RequestError(f"the prompt ({prompt_tokens} tokens) plus sampling.max_tokens ({max_tokens}) "
-                           f"exceeds the context of {max_model_len} tokens", field="sampling.max_tokens")
+                           f"exceeds the context of {max_model_len} tokens", field="sampling.max_tokens",
+                           reason=Reason.CONTEXT_EXCEEDED, limit=max_model_len)
     if prompt_tokens >= max_model_len:
         raise RequestError(f"the prompt is {prompt_tokens} tokens; the context is {max_model_len} and at least "
-                           "one token must be left to generate")
+                           "one token must be left to generate", reason=Reason.CONTEXT_EXCEEDED, limit=max_model_len)

@@ -10,6 +10,7 @@ normalization values from here, so they cannot drift apart.
 * :func:`target_size` — the size an image is resized to: the token limit, then the vision
   tower's 512 patches a side (the one deliberate deviation from the reference: such an image
   is shrunk to fit instead of failing in vLLM).
+* :func:`grid_size`, :func:`image_tokens` — the grid and token count of an image of a given size.
 * :func:`normalized_values` — the processor's value for each byte of each channel: float32
   ``x / 255``, minus float32 mean, divided by float32 std. Every output value depends on one
   input byte and its channel, so a (3, 256) table is the whole arithmetic.
@@ -97,3 +98,19 @@ def normalized_values(mean, std) -> np.ndarray:
     """(3, 256) float32: the processor's normalized value of each byte in each channel."""
     x = np.arange(256, dtype=np.float32) / np.float32(255)
     return np.stack([(x - np.float32(m)) / np.float32(s) for m, s in zip(mean, std, strict=True)])
+
+
+def grid_size(width: int, height: int, config: ProcessorConfig) -> tuple[int, int]:
+    """(patch rows, patch columns) of an image of this size once processed: :func:`target_size`,
+    padded up to whole merge kernels. Known from the image's header, before any decoding."""
+    w, h = target_size(width, height, config)
+    p = config.patch_size
+    mh, mw = config.merge_kernel_size
+    return -(-h // (mh * p)) * mh, -(-w // (mw * p)) * mw
+
+
+def image_tokens(width: int, height: int, config: ProcessorConfig) -> int:
+    """Placeholder tokens an image of this size takes in the prompt."""
+    gh, gw = grid_size(width, height, config)
+    mh, mw = config.merge_kernel_size
+    return gh * gw // (mh * mw)

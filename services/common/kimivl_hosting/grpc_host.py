@@ -22,6 +22,9 @@ from prometheus_client import start_http_server
 
 from kimivl_contract import errors
 
+from .malformed import refuse_malformed
+from .memory import trim_after_large
+
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 DRAINING = "this replica is draining; retry on another"  # UNAVAILABLE's message (HTTP: 503)
 
@@ -67,18 +70,22 @@ class _Drain(grpc.aio.ServerInterceptor):
 
 def refusal(handler, code: grpc.StatusCode, details: str, *, reason: str, retry_after_s: float | None = None):
     """A handler of ``handler``'s kind that answers ``code`` / ``details`` with the error details
-    (for interceptors)."""
-    async def refuse(request, context):
-        await errors.abort_with(context, code, details, reason=reason, retry_after_s=retry_after_s)
+    (for interceptors). The request stays bytes (never parsed), and the status is set, not raised
+    (see errors.answer)."""
+    def refuse(request, context):
+        errors.answer_with(context, code, details, reason=reason, retry_after_s=retry_after_s)
+
+    async def refuse_unary(request, context):
+        refuse(request, context)
 
     async def refuse_stream(request, context):
-        await refuse(request, context)
+        refuse(request, context)
+        return
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
-                                                    handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, None, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(refuse_unary, None, handler.response_serializer)
 
 
 def _counted(handler, drain: _Drain):
@@ -119,14 +126,20 @@ class GrpcHost:
                  interceptors: Iterable[grpc.aio.ServerInterceptor] = ()):
         self.services = list(services)
         self._drain = _Drain(self.services)
+        self._options = list(options)
         self.server = grpc.aio.server(interceptors=[self._drain, *interceptors],
-                                      options=[*base_server_options(max_message_bytes), *options])
+                                      options=[*base_server_options(max_message_bytes), *self._options])
+        self._health_port = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server)
         self.stop = asyncio.Event()
 
     def add_handlers(self, service: str, handlers: dict) -> None:
+        """``handlers`` (method name -> RpcMethodHandler) of ``service``; request bytes that do not
+        parse are answered INVALID_ARGUMENT before they reach them (:mod:`.malformed`), and the
+        memory of large requests is given back to the OS after them (:mod:`.memory`)."""
+        handlers = {name: trim_after_large(refuse_malformed(h)) for name, h in handlers.items()}
         self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, handlers)])
 
     def bind(self, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
@@ -138,6 +151,14 @@ class GrpcHost:
             raise SystemExit(f"cannot listen on {host}:{port}")
         return bound
 
+    def bind_health(self, host: str, port: int) -> int:
+        """Also answer health ``Check`` in plaintext on ``host:port`` (:mod:`.health_port`: for probes
+        that cannot do TLS); the port bound. Up from :meth:`start` until the drain has stopped the server."""
+        from .health_port import HealthPort
+
+        self._health_port = HealthPort(self.health, self._options)
+        return self._health_port.bind(host, port)
+
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.services):
@@ -147,6 +168,8 @@ class GrpcHost:
         """Health first (so the first probe gets an answer), then the port, then /metrics."""
         await self.set_serving(serving)
         await self.server.start()
+        if self._health_port:
+            await self._health_port.start()
         if metrics_port:
             start_http_server(metrics_port)
         loop = asyncio.get_running_loop()
@@ -167,3 +190,5 @@ class GrpcHost:
         except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
             pass
         await self.server.stop(grace=0)
+        if self._health_port:
+            await self._health_port.stop()

@@ -44,6 +44,10 @@ def add_server_tls_arguments(p: argparse.ArgumentParser, *, who: str) -> None:
     g.add_argument("--tls-client-ca-file",
                    help=f"require every client to present a certificate signed by this PEM CA (mutual TLS; "
                         f"{who})")
+    g.add_argument("--health-port", type=int, default=0,
+                   help="also answer grpc.health.v1 Check, and nothing else, in plaintext on this port, for probes "
+                        "that cannot do TLS (the kubelet's gRPC probes); 0 = off (default). Keep it closed to "
+                        "other pods")
 
 
 def add_tracing_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,8 +6,8 @@ configuration at each new handshake; a stat of three files is all it costs), so 
 Kubernetes Secret takes effect for new connections without a restart, and connections already
 up keep the certificate they were made with until ``grpc.max_connection_age_ms`` cycles them.
 Client side (the front door's channel), gRPC cannot swap credentials on a live channel: the
-front door reads its client certificate at start, so rotate it with a rolling restart (or let
-cert-manager issue the new certificate well before the old one expires; both stay valid).
+front door looks at its files every few seconds and, when they change, opens a new channel for
+new calls (kimivl_preprocess.inference_tls); calls in flight finish on the old one.
 """
 from __future__ import annotations
 

@@ -67,6 +67,13 @@ def _warmup_grids(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = the default), got {value}")
+    return value
+
+
 def _prefill_window_ms(text: str) -> float:
     value = float(text)
     # nan would turn the window off silently, inf (or minutes) would hold requests until a
@@ -80,6 +87,13 @@ def _posemb_cache_mb(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 65536:
         raise argparse.ArgumentTypeError(f"must be between 0 and 65536 MiB, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -120,12 +134,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="CPU threads of this process's own tensor work (normalizing uint8 patches); 0 = torch's "
-                        "default, a thread per core. Applied once the engine has started, so the engine core keeps "
-                        "vLLM's setting. Lower it where the container's CPU limit is below the host's core count")
+                        "default, a thread per core. Applied once the engine has started, so the engine's processes "
+                        "keep --engine-torch-threads. Lower it where the container's CPU limit is below the host's core count")
+    p.add_argument("--engine-torch-threads", type=_non_negative_int, default=1,
+                   help="torch intra-op threads in the engine's processes on a GPU (given them as OMP_NUM_THREADS "
+                        "when they start; an OMP_NUM_THREADS in this environment wins). 1 (default) = what vLLM "
+                        "0.32 sets for serving: more only spin-wait beside the engine loop after each CPU tensor "
+                        "operation. 0 = torch's default, a thread per CPU of the process")
     p.add_argument("--prefill-window-ms", type=_prefill_window_ms, default=0.0,
                    help="while the engine has work, hold an image request up to this long so that image prefills "
                         "reach the engine together (a prefill step's fixed cost is then shared; TTFT pays the "
                         "hold); a group goes at once when its prompts fill one engine step. 0 = off (default), at most 1000")
+    p.add_argument("--max-waiting", type=_non_negative_int, default=0,
+                   help="admission: requests admitted and not yet streaming; more wait in a queue (0 = twice the "
+                        "engine's max_num_seqs)")
+    p.add_argument("--max-queued", type=int, default=-1,
+                   help="admission: requests waiting for a --max-waiting slot; more are refused at once with "
+                        "UNAVAILABLE and a retry hint, and the front door tries another replica (-1 = as many as "
+                        "--max-waiting, 0 = no queue)")
+    p.add_argument("--max-queue-wait-s", type=float, default=10.0,
+                   help="admission: longest wait in the queue before the request is refused (UNAVAILABLE)")
+    p.add_argument("--max-tensor-mb", type=_non_negative_int, default=0,
+                   help="admission: image tensor memory held by requests (as received plus the engine's copy); "
+                        "past it a request is refused at once (0 = a quarter of the memory this process may use, "
+                        "its cgroup limit in a container)")
     p.add_argument("--no-vision-fastpath", action="store_true",
                    help="run vLLM's Kimi-VL vision path stock. By default the engine's processes get the "
                         "project's exact fast path (no per-layer GPU sync in MoonViT, cached position "

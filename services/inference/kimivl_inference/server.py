@@ -31,9 +31,13 @@ async def serve(args) -> int:
     tls = server_tls(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
     host = GrpcHost([INFERENCE_SERVICE], max_message_bytes=args.max_message_mb * MiB,
                     options=connection_options(args))
-    servicer = InferenceServicer(args.prefill_window_ms / 1e3)
+    servicer = InferenceServicer(args.prefill_window_ms / 1e3, budget_options=dict(
+        max_waiting=args.max_waiting, max_queued=args.max_queued, max_queue_wait_s=args.max_queue_wait_s,
+        max_tensor_mb=args.max_tensor_mb))
     host.add_handlers(INFERENCE_SERVICE, handlers(servicer))
     bound = host.bind(args.host, args.port, tls.credentials() if tls else None)
+    if args.health_port:  # for probes that cannot do TLS
+        log.info("health Check in plaintext on %s:%d", args.host, host.bind_health(args.host, args.health_port))
     await host.start(serving=False, metrics_port=args.metrics_port)
     log.info("inference tier listening on %s:%d (%s); starting the engine", args.host, bound,
              "plaintext" if tls is None else "mutual TLS" if tls.client_ca_file else "TLS")
@@ -78,10 +82,13 @@ async def serve(args) -> int:
         if not exit_code and not host.stop.is_set():
             await host.set_serving(True)
             log.info("engine ready in %.1f s (preset %s, max_model_len %d, image tokens up to %s, prefix caching %s, "
-                     "torch threads here %d, prefill window %s); SERVING", time.perf_counter() - t0,
+                     "torch threads here %d, prefill window %s, admission: %d waiting, %d queued, %.0f MiB of tensors);"
+                     " SERVING", time.perf_counter() - t0,
                      preset.name if preset else "none", servicer.limits.max_model_len,
                      servicer.limits.max_image_tokens, "on" if servicer.prefix_caching else "off", _torch_threads(),
-                     f"{args.prefill_window_ms:g} ms" if args.prefill_window_ms else "off")
+                     f"{args.prefill_window_ms:g} ms" if args.prefill_window_ms else "off",
+                     servicer.budgets.waiting.capacity, servicer.budgets.waiting.max_queue,
+                     servicer.budgets.tensors.capacity / MiB)
             watch = asyncio.create_task(_watch_engine(engine, engine_dead))
             stats = asyncio.create_task(_log_stats(engine, args.log_stats_interval_s))
             await host.stop.wait()

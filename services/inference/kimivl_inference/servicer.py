@@ -24,6 +24,7 @@ from kimivl_hosting import tracing
 
 from . import metrics
 from .admission import PrefillGrouper
+from .budgets import InferenceBudgets, tensor_bytes
 from .engine_input import build_engine_input
 from .generation import GenerationStats, end_marker_token_ids, generate
 from .pixels import PixelNormalizer
@@ -37,7 +38,11 @@ class EngineNotReady(Exception):
 
 
 class InferenceServicer:
-    def __init__(self, prefill_window_s: float = 0.0):
+    def __init__(self, prefill_window_s: float = 0.0, budget_options: dict | None = None):
+        """``budget_options``: :meth:`InferenceBudgets.from_options` keywords (the engine's
+        max_num_seqs is added once it has started)."""
+        self.budget_options = budget_options or {}
+        self.budgets: InferenceBudgets | None = None
         self.engine = None
         self.prefill_window_s = prefill_window_s
         self.grouper: PrefillGrouper | None = None
@@ -68,6 +73,8 @@ class InferenceServicer:
         sched = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
         self.grouper = PrefillGrouper(self.prefill_window_s,
                                       getattr(sched, "max_num_batched_tokens", None) or mc.max_model_len)
+        self.budgets = InferenceBudgets.from_options(max_num_seqs=getattr(sched, "max_num_seqs", None) or 256,
+                                                     **self.budget_options)
         self.engine = engine
 
     def _build_input(self, prompt, model_dtype, normalizer=None, tensor_data=None):
@@ -90,17 +97,24 @@ class InferenceServicer:
         stats = GenerationStats()
         metrics.WAITING.inc()
         state = "waiting"
+        held = []  # admission permits, released at the first token (waiting) and at the end
         span = tracing.start(f"{INFERENCE_SERVICE}/Generate", kind="server",
                              parent=tracing.extract(context.invocation_metadata() or ())) if tracing.enabled else None
         try:
             if self.engine is None:
                 raise EngineNotReady()
+            check_sampling(request.sampling, request.thinking)
+            # Admission before the tensors are read or copied (vLLM's input needs both).
+            itemsize = getattr(self.model_dtype, "itemsize", 2)
+            with tracing.child("admission", span):
+                held.append(await self.budgets.tensors.acquire(tensor_bytes(request.prompt, itemsize)))
+                waiting = await self.budgets.waiting.acquire()
+                held.append(waiting)
             # Headers now, not with the first token: the front door's upload gate takes them as
-            # "received". Not before the UNAVAILABLE above: headers commit the call, and gRPC
+            # "received". Not before the UNAVAILABLEs above: headers commit the call, and gRPC
             # would no longer retry it on another replica.
             await context.send_initial_metadata(())
             with tracing.child("validate", span):
-                check_sampling(request.sampling, request.thinking)
                 tensor_data: list[bytes] = []
                 image_tokens = check_prepared_prompt(request.prompt, self.limits, tensor_data=tensor_data)
                 n = len(request.prompt.token_ids)
@@ -127,6 +141,7 @@ class InferenceServicer:
                                           end_marker_ids=self.end_marker_ids, image_tokens=image_tokens, stats=stats,
                                           arrived_s=arrived, trace_headers=self._trace_headers(gen)):
                     if state == "waiting" and stats.first_token_s is not None:
+                        waiting.release()
                         metrics.WAITING.dec()
                         metrics.RUNNING.inc()
                         state = "running"
@@ -146,13 +161,13 @@ class InferenceServicer:
             times = stats.token_times
             for a, b in zip(times, times[1:], strict=False):
                 metrics.ITL.observe(b - a)
-        except RequestError as e:
+        except RequestError as e:  # answered without context.abort: see errors.answer
             code = e.code
-            await errors.abort(context, e)
+            errors.answer(context, e, pushback="now")  # shed: the front door tries the next replica at once
         except EngineNotReady:
             code = grpc.StatusCode.UNAVAILABLE
-            await errors.abort_with(context, code, "the engine is still starting; retry when health reports SERVING",
-                                    reason=errors.Reason.UNAVAILABLE, retry_after_s=5.0)
+            errors.answer_with(context, code, "the engine is still starting; retry when health reports SERVING",
+                               reason=errors.Reason.UNAVAILABLE, retry_after_s=5.0)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED  # the consumer left: vLLM aborts the request on cancel
             raise
@@ -161,12 +176,15 @@ class InferenceServicer:
                 code = grpc.StatusCode.UNAVAILABLE
                 if self.on_engine_dead:
                     self.on_engine_dead()
-                await errors.abort_with(context, code, "the inference engine died; this replica is restarting",
-                                        reason=errors.Reason.UNAVAILABLE, retry_after_s=1.0)
-            log.exception("request %s failed", request.request_id)
-            code = grpc.StatusCode.INTERNAL
-            await errors.abort_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
+                errors.answer_with(context, code, "the inference engine died; this replica is restarting",
+                                   reason=errors.Reason.UNAVAILABLE, retry_after_s=1.0)
+            else:
+                log.exception("request %s failed", request.request_id)
+                code = grpc.StatusCode.INTERNAL
+                errors.answer_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
+            for permit in held:
+                permit.release()
             tracing.end(span, (code or grpc.StatusCode.OK).name)
             (metrics.WAITING if state == "waiting" else metrics.RUNNING).dec()
             if code is not None:

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 
+from .engine_threads import engine_threads
 from .options import PRESETS_BY_NAME, Preset, lower_preset, pick_preset
 
 log = logging.getLogger("kimivl.engine")
@@ -73,11 +74,14 @@ def start_engine(args):
         preset = pick_preset(gpu_gb)
     else:
         preset = PRESETS_BY_NAME[args.preset]
+    on_gpu = gpu_gb is not None and args.device != "cpu"
     while True:
         if preset:
             log.info("engine preset %s (GPU %.0f GiB)", preset.name, gpu_gb or 0)
         try:
-            return AsyncLLM.from_engine_args(engine_args(args, preset)), preset
+            with engine_threads(getattr(args, "engine_torch_threads", 1), on_gpu) as threads:
+                log.info("engine processes' torch intra-op threads: %s", threads)
+                return AsyncLLM.from_engine_args(engine_args(args, preset)), preset
         except Exception as e:  # vLLM raises several types for lack of memory
             text = str(e).lower()
             nxt = lower_preset(preset) if preset and args.preset == "auto" else None

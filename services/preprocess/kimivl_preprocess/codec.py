@@ -61,6 +61,10 @@ class PromptWire:
     def from_message(cls, prompt: types_pb2.PreparedPrompt) -> PromptWire:
         return cls([prompt.SerializeToString()], len(prompt.images))
 
+    def release(self) -> None:
+        """Drop the references to the tensors (once serialized into a request); ``images`` stays."""
+        self.chunks = []
+
     def message(self) -> types_pb2.PreparedPrompt:
         """Parsed back (tests, in-process callers); copies every tensor."""
         return types_pb2.PreparedPrompt.FromString(b"".join(self.chunks))

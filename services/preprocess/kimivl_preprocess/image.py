@@ -19,6 +19,14 @@ such an image to fit (same factor on both sides, one Pillow BICUBIC resize from 
 to the final size), so an 8000x300 panorama is served instead of refused. Sides that would
 round to 0 pixels in either resize are kept at 1 (the reference would fail there too).
 
+Cost is bounded before it is spent, and stops when the request ends: :func:`open_image` reads
+only the header (size and mode, so the pixel limits and the token count are known before any
+decoding), and the work that follows checks a :class:`~kimivl_preprocess.cancel.CancelToken`
+between steps: between decoder input blocks (16 KiB of compressed input each, so a 20 KB
+PNG that declares 13000x13000 is decoded in a few pieces) and between bands of the RGB
+conversion and resize (:mod:`.resize_bands`: the same bytes as one call). The bands also keep
+memory to about the source image plus the once-narrowed one (no full-size RGB copy).
+
 Speed: every output value depends on exactly one input byte, so normalization and the dtype
 cast are a lookup table computed once with the reference's float32 arithmetic and the wire
 dtype's own cast (ml_dtypes for bfloat16). Pillow extracts each colour plane in C, numpy
@@ -41,7 +49,10 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from kimivl_contract import dtypes
-from kimivl_contract.processor import ProcessorConfig, normalized_values, target_size
+from kimivl_contract.processor import ProcessorConfig, grid_size, normalized_values, target_size
+
+from . import resize_bands
+from .cancel import CancelToken
 
 # vllm.multimodal.image.ALLOWED_IMAGE_FORMATS (vLLM 0.32): in-process raster decoders only.
 ALLOWED_IMAGE_FORMATS: tuple[str, ...] = (
@@ -59,6 +70,7 @@ DEFAULT_MAX_PIXELS = 178_956_970
 WIRE_DTYPES = dtypes.NAMES
 
 _TURNING_ORIENTATIONS = frozenset(range(2, 9))  # EXIF orientations exif_transpose acts on
+_DECODER_BLOCK = 16 << 10  # compressed bytes per decoder call: a cancellation check between calls
 _BAND_LOOKUPS = 1 << 17  # table lookups per band: a band's index array (1 MiB) stays in cache
 _HASH_VERSION = b"kimivl-img/1"
 
@@ -91,10 +103,25 @@ class ProcessedImage:
         return self.grid_hw[0] * self.grid_hw[1] // (mh * mw)
 
 
-def load_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode to RGB exactly as vLLM's ``ImageMediaIO.load_bytes`` (max_pixels <= 0: no limit)."""
+class _Input(BytesIO):
+    """The encoded bytes, checking the request's cancel token on every read by the decoder."""
+
+    def __init__(self, data: bytes, cancel: CancelToken | None):
+        super().__init__(data)
+        self._cancel = cancel
+
+    def read(self, *args):
+        if self._cancel is not None:
+            self._cancel.check()
+        return super().read(*args)
+
+
+def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               cancel: CancelToken | None = None) -> Image.Image:
+    """Read the header only (format allowlist and pixel limit as vLLM's loader): a lazy image
+    whose ``size`` and ``mode`` are known and whose pixels are not yet decoded."""
     try:
-        image = Image.open(BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
+        image = Image.open(_Input(data, cancel), formats=ALLOWED_IMAGE_FORMATS)
     except Image.DecompressionBombError:
         bomb = 2 * Image.MAX_IMAGE_PIXELS
         limit = min(max_pixels, bomb) if max_pixels > 0 else bomb
@@ -105,25 +132,60 @@ def load_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
             f" {len(ALLOWED_IMAGE_FORMATS) - 7} other raster formats; not EPS, SVG or WMF)"
         ) from None
     except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is the input's fault
-        raise ImageError(f"cannot read image: {e}") from None
+        raise ImageError(f"cannot read image: {_reason(e)}") from None
     w, h = image.size
     if max_pixels > 0 and w * h > max_pixels:
         raise ImageError(
             f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}", too_large=True
         )
+    if min(w, h) < 1:
+        raise ImageError(f"image is {w}x{h}: a side of 0 pixels")
+    image.decodermaxblock = _DECODER_BLOCK
+    return image
+
+
+def decode(image: Image.Image, cancel: CancelToken | None = None) -> Image.Image:
+    """Decode an :func:`open_image` image and apply its EXIF orientation (vLLM's order and error
+    handling); its mode is the file's (see :func:`to_rgb`)."""
     try:
         with suppress(Exception):
             # = vLLM's ``ImageOps.exif_transpose(image)``, whose errors it ignores too, without the
             # full copy of the pixels it returns when there is nothing to turn (most images).
             image.load()
             if image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNING_ORIENTATIONS:
+                if cancel is not None:
+                    cancel.check()
                 image = ImageOps.exif_transpose(image)
         image.load()
-        return _to_rgb(image)
+        return image
     except MemoryError:
         raise ImageError("not enough memory to decode the image", too_large=True) from None
     except Exception as e:  # noqa: BLE001 - truncated/corrupt data surfaces here
-        raise ImageError(f"cannot decode image: {e}") from None
+        raise ImageError(f"cannot decode image: {_reason(e)}") from None
+
+
+def load_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode to RGB exactly as vLLM's ``ImageMediaIO.load_bytes`` (max_pixels <= 0: no limit)."""
+    image = decode(open_image(data, max_pixels=max_pixels))
+    try:
+        return _to_rgb(image)
+    except MemoryError:
+        raise ImageError("not enough memory to decode the image", too_large=True) from None
+    except Exception as e:  # noqa: BLE001
+        raise ImageError(f"cannot decode image: {_reason(e)}") from None
+
+
+def _reason(error: Exception) -> str:
+    """A decoder's complaint, short and escaped (some quote bytes of the file)."""
+    text = str(error) or type(error).__name__
+    text = "".join(c if c.isprintable() else "?" for c in text[:200])
+    return text if len(str(error)) <= 200 else text + "…"
+
+
+def rgb_at_size(image: Image.Image, size: tuple[int, int], cancel: CancelToken | None = None) -> Image.Image:
+    """= ``_to_rgb(image).resize(size, BICUBIC)`` byte for byte (``image`` decoded, any mode), in
+    bands that check ``cancel`` (:mod:`.resize_bands`)."""
+    return resize_bands.resize(image, size, _to_rgb, cancel)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -138,17 +200,39 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def process_image(image: Image.Image, config: ProcessorConfig, dtype: str = "bfloat16") -> ProcessedImage:
+def process_image(image: Image.Image, config: ProcessorConfig, dtype: str = "bfloat16",
+                  cancel: CancelToken | None = None) -> ProcessedImage:
     """Run the Kimi-VL processor on an RGB image (from :func:`load_image`)."""
-    wire = numpy_dtype(dtype)
+    numpy_dtype(dtype)
     if image.mode != "RGB":
         raise ValueError(f"process_image needs an RGB image, got mode {image.mode}")
     if min(image.size) < 1:  # Pillow's decoders refuse these; a caller-made image may not
         raise ImageError(f"image is {image.width}x{image.height}: a side of 0 pixels")
     size = target_size(*image.size, config)
     if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    w, h = size
+        image = rgb_at_size(image, size, cancel)
+    return _patches(image, config, dtype)
+
+
+def process_decoded(image: Image.Image, config: ProcessorConfig, dtype: str = "bfloat16",
+                    cancel: CancelToken | None = None) -> ProcessedImage:
+    """The processor on a :func:`decode`-d image of any mode (the RGB conversion is done in bands
+    with the resize, never as a full-size copy)."""
+    numpy_dtype(dtype)
+    size = target_size(*image.size, config)
+    try:
+        rgb = rgb_at_size(image, size, cancel)
+    except MemoryError:
+        raise ImageError("not enough memory to decode the image", too_large=True) from None
+    except Exception as e:  # noqa: BLE001 - conversion of untrusted pixels
+        raise ImageError(f"cannot decode image: {_reason(e)}") from None
+    return _patches(rgb, config, dtype)
+
+
+def _patches(image: Image.Image, config: ProcessorConfig, dtype: str) -> ProcessedImage:
+    """Patches of an RGB image already at its target size."""
+    wire = numpy_dtype(dtype)
+    w, h = image.size
     p = config.patch_size
     mh, mw = config.merge_kernel_size
     gh = -(-h // (mh * p)) * mh
@@ -192,6 +276,38 @@ def process_image(image: Image.Image, config: ProcessorConfig, dtype: str = "bfl
     return ProcessedImage(pixel_values, (gh, gw), "kimivl-img:" + hasher.hexdigest(), config.merge_kernel_size)
 
 
+# Bytes per pixel of Pillow's in-memory images by mode (the rest, e.g. RGB, RGBA, CMYK, I, F: 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def memory_estimate(image: Image.Image, config: ProcessorConfig, dtype: str) -> int:
+    """Bytes an :func:`open_image` image holds at the peak of :func:`process_decoded`: the decoded
+    source (twice if EXIF turns it), the image narrowed by the first resize pass, the resized RGB
+    image, two bands in flight and the patches."""
+    w, h = image.size
+    source = w * h * _MODE_BYTES.get(image.mode, 4)
+    if _may_turn(image):
+        source *= 2
+    tw, th = target_size(w, h, config)
+    gh, gw = grid_size(w, h, config)
+    p = config.patch_size
+    narrowed = max(tw * h, w * th) * 4 if (tw, th) != (w, h) else 0
+    bands = 2 * resize_bands.BAND_PIXELS * 4 * 2
+    return source + narrowed + tw * th * 4 + bands + gh * gw * 3 * p * p * numpy_dtype(dtype).itemsize
+
+
+def _may_turn(image: Image.Image) -> bool:
+    """Whether EXIF may turn the image (exif_transpose makes a copy), without decoding it: a PNG's
+    eXIf chunk may follow its pixels (Pillow's PNG getexif decodes the whole image to find it), so
+    a PNG with no EXIF seen in its header counts as one that may turn."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return True
+    try:
+        return image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNING_ORIENTATIONS
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the decoder ignores it too
+        return False
+
+
 def numpy_dtype(dtype: str) -> np.dtype:
     """The numpy dtype of a wire dtype name; ValueError for a name not in WIRE_DTYPES."""
     name = dtypes.from_name(dtype).name
@@ -225,8 +341,10 @@ def _pair_table(config: ProcessorConfig, dtype: str) -> tuple[np.ndarray, np.nda
 
 
 def preprocess_image_bytes(
-    data: bytes, config: ProcessorConfig, dtype: str = "bfloat16", *, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, config: ProcessorConfig, dtype: str = "bfloat16", *, max_pixels: int = DEFAULT_MAX_PIXELS,
+    cancel: CancelToken | None = None,
 ) -> ProcessedImage:
-    """Encoded image bytes to engine-ready patches (:func:`load_image` + :func:`process_image`)."""
+    """Encoded image bytes to engine-ready patches (= :func:`load_image` + :func:`process_image`)."""
     numpy_dtype(dtype)  # a caller's mistake is reported before any decoding
-    return process_image(load_image(data, max_pixels=max_pixels), config, dtype)
+    return process_decoded(decode(open_image(data, max_pixels=max_pixels, cancel=cancel), cancel), config, dtype,
+                           cancel)

@@ -32,6 +32,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=int, default=178_956_970, help="largest decoded image (w*h)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length for prompt checks (default: the model config's)")
+    p.add_argument("--max-text-chars", type=_non_negative_int, default=0,
+                   help="most characters of text per request, refused before tokenizing (0 = 8 per token of the "
+                        "context: text longer than that cannot fit)")
+    p.add_argument("--max-request-pixels", type=_non_negative_int, default=1 << 30,
+                   help="most image pixels per request, all images together, known from the headers before any "
+                        "decoding (default 2^30)")
+    p.add_argument("--max-preparing", type=_non_negative_int, default=0,
+                   help="admission: requests being prepared at once (fetch, decode, tokenize); 0 = 4 per CPU "
+                        "this process may use")
+    p.add_argument("--max-queued", type=int, default=-1,
+                   help="admission: requests waiting for a --max-preparing slot; more are refused at once with "
+                        "UNAVAILABLE and a retry hint (-1 = 16 per CPU, 0 = no queue)")
+    p.add_argument("--max-queue-wait-s", type=float, default=10.0,
+                   help="admission: longest wait in the queue (for a request slot or image memory) before the "
+                        "request is refused with UNAVAILABLE and a retry hint")
+    p.add_argument("--max-decode-mb", type=_non_negative_int, default=0,
+                   help="admission: memory for images being decoded and processed at once, each image's share "
+                        "estimated from its header (0 = a quarter of the memory this process may use, its cgroup "
+                        "limit in a container; at least one largest image)")
     p.add_argument("--max-message-mb", type=int, default=256, help="largest gRPC message in or out")
     p.add_argument("--wire-dtype", choices=["uint8", "bfloat16", "float16", "float32"], default="uint8",
                    help="dtype of patch tensors sent to the inference tier: uint8 sends the raw pixels, half "
@@ -42,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "request, which waits on its event loop: on the H200 a limit of 4 cut a photo "
                         "burst to 0.82x the engine ceiling (docs/benchmarks.md)")
     p.add_argument("--allow-private-urls", action="store_true",
-                   help="let image URLs reach private, loopback and link-local addresses")
+                   help="let image URLs reach non-public addresses (private, loopback, link-local, shared, "
+                        "NAT64/6to4 forms of those, ...); refused by default")
     p.add_argument("--url-timeout-s", type=float, default=10.0)
     p.add_argument("--url-max-redirects", type=int, default=3)
     add_server_tls_arguments(p, who="e.g. internal callers only; API keys are the usual front-door credential")
@@ -51,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reach the inference tier over TLS, verifying it against this PEM CA (default: plaintext)")
     g.add_argument("--inference-tls-cert-file",
                    help="present this PEM client certificate to the inference tier (mutual TLS; with "
-                        "--inference-tls-key-file). Read at start: rotate it with a rolling restart")
+                        "--inference-tls-key-file). The three files are read again when they change: new calls "
+                        "use the new ones, calls in flight finish on the old connection")
     g.add_argument("--inference-tls-key-file", help="PEM private key for --inference-tls-cert-file")
     g.add_argument("--inference-tls-server-name",
                    help="the name the inference tier's certificate carries, when it is not the target's host")

@@ -14,7 +14,20 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from .image import DEFAULT_MAX_PIXELS, ProcessedImage, ProcessorConfig, preprocess_image_bytes
+from PIL import Image
+
+from kimivl_hosting import memory
+
+from .cancel import CancelToken
+from .image import (
+    DEFAULT_MAX_PIXELS,
+    ProcessedImage,
+    ProcessorConfig,
+    decode,
+    open_image,
+    preprocess_image_bytes,
+    process_decoded,
+)
 
 
 class ImagePool:
@@ -32,11 +45,37 @@ class ImagePool:
         self._max_pixels = max_pixels
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="kimivl-image")
 
-    async def process(self, data: bytes, dtype: str = "bfloat16") -> ProcessedImage:
-        """Encoded bytes to patches (:func:`~kimivl_preprocess.image.preprocess_image_bytes`, same errors)."""
-        work = partial(preprocess_image_bytes, data, self.config, dtype, max_pixels=self._max_pixels)
+    async def open(self, data: bytes, cancel: CancelToken | None = None) -> Image.Image:
+        """The image's header read (:func:`~kimivl_preprocess.image.open_image`: size, mode, the pixel limit)."""
+        work = partial(open_image, data, max_pixels=self._max_pixels, cancel=cancel)
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
-    def close(self) -> None:
-        """Stop the threads once running work is done; queued work is cancelled. Idempotent."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    async def process(self, data: bytes | Image.Image, dtype: str = "bfloat16",
+                      cancel: CancelToken | None = None) -> ProcessedImage:
+        """Encoded bytes, or an image from :meth:`open`, to patches
+        (:func:`~kimivl_preprocess.image.preprocess_image_bytes`, same errors). Once ``cancel`` is
+        set the work stops at its next step (raising :class:`~kimivl_preprocess.cancel.Abandoned`)."""
+        if isinstance(data, Image.Image):
+            work = partial(_process_opened, data, self.config, dtype, cancel)
+        else:
+            work = partial(preprocess_image_bytes, data, self.config, dtype, max_pixels=self._max_pixels,
+                           cancel=cancel)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the threads (once running work is done, unless ``wait`` is False); queued work is
+        cancelled. Idempotent."""
+        self._executor.shutdown(wait=wait, cancel_futures=True)
+
+
+LARGE_IMAGE_PIXELS = 16_000_000
+
+
+def _process_opened(image: Image.Image, config: ProcessorConfig, dtype: str, cancel: CancelToken | None):
+    large = image.width * image.height > LARGE_IMAGE_PIXELS
+    try:
+        return process_decoded(decode(image, cancel), config, dtype, cancel)
+    finally:
+        if large:  # its freed bands and intermediates would stay in this thread's malloc arena
+            del image
+            memory.trim_now()

@@ -32,6 +32,9 @@ def serialize(msg) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
+# Errors are answered with errors.answer / answer_with, not context.abort: see errors.answer.
+
+
 class ChatServicer:
     def __init__(self, flow: ChatFlow):
         self.flow = flow
@@ -47,20 +50,18 @@ class ChatServicer:
                 yield msg
         except RequestError as e:
             code = e.code
-            await errors.abort(context, e)
+            errors.answer(context, e, pushback="hint")
         except grpc.aio.AioRpcError as e:
-            code, details = self.flow.upstream_status(e)
-            if code == grpc.StatusCode.UNAVAILABLE:
-                await errors.abort_with(context, code, details, reason=errors.Reason.UNAVAILABLE, retry_after_s=1.0)
-            # The inference tier's own status, details included (it validated what we did not).
-            await context.abort(code, errors.clip(details), _status_trailers(e))
+            s = self.flow.upstream_status(e)
+            code = s.code
+            errors.set_status(context, s)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:  # a bug, not bad input: log it, answer a clean status
             log.exception("Chat %s failed", request.request_id)
             code = grpc.StatusCode.INTERNAL
-            await errors.abort_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
+            errors.answer_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
             metrics.REQUESTS.labels("Chat", code.name).inc()
             tracing.end(span, code.name)
@@ -85,18 +86,14 @@ class PreprocessServicer:
                                        preprocess_ms=prepared.preprocess_ms)
         except RequestError as e:
             code = e.code
-            await errors.abort(context, e)
+            errors.answer(context, e, pushback="hint")
         except Exception as e:  # a bug, not bad input: log it, answer a clean status
             log.exception("Preprocess failed")
             code = grpc.StatusCode.INTERNAL
-            await errors.abort_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
+            errors.answer_with(context, code, f"internal error: {type(e).__name__}", reason=errors.Reason.INTERNAL)
         finally:
             metrics.REQUESTS.labels("Preprocess", code.name).inc()
             tracing.end(span, code.name)
-
-
-def _status_trailers(e: grpc.aio.AioRpcError) -> tuple:
-    return tuple((k, v) for k, v in (e.trailing_metadata() or ()) if k == "grpc-status-details-bin")
 
 
 def handlers(chat: ChatServicer, preprocess: PreprocessServicer) -> dict[str, dict]:

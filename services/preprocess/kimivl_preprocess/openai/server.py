@@ -30,6 +30,7 @@ from aiohttp import web
 
 from kimivl.v1 import chat_pb2
 from kimivl_contract.errors import RequestError, Unauthenticated
+from kimivl_contract.errors import retry_after_s as retry_hint
 from kimivl_hosting import tracing
 from kimivl_hosting.grpc_host import DRAINING
 
@@ -221,8 +222,9 @@ class OpenAIServer:
         try:
             return await anext(replies)
         except grpc.aio.AioRpcError as e:
-            code, details = self.flow.upstream_status(e)  # the inference tier checks fields too (max_tokens)
-            raise from_status(code, mapped.translate(details), param=mapped.param(None, details)) from None
+            s = self.flow.upstream_status(e)  # the inference tier checks fields too (max_tokens)
+            raise from_status(s.code, mapped.translate(s.details), param=mapped.param(None, s.details),
+                              retry_after_s=retry_hint(s.trailing_metadata)) from None
         except StopAsyncIteration:
             raise HttpError(500, "the inference tier's stream ended without a result") from None
 
