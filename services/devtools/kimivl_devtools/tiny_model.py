@@ -276,9 +276,14 @@ def _build_tokenizer(out: Path) -> None:
     fast.save_pretrained(str(out))
 
 
-def _weight_shapes() -> dict[str, tuple[int, ...]]:
+def model_config(vision: dict | None = None) -> dict:
+    """MODEL_CONFIG, with vision tower sizes overridden (the demo model's is larger)."""
+    return {**MODEL_CONFIG, "vision_config": {**VISION_CONFIG, **(vision or {})}}
+
+
+def _weight_shapes(vision: dict | None = None) -> dict[str, tuple[int, ...]]:
     """HF Kimi-VL checkpoint names and shapes, as vLLM's ``kimi_vl.py`` loads them."""
-    t, v = TEXT_CONFIG, VISION_CONFIG
+    t, v = TEXT_CONFIG, model_config(vision)["vision_config"]
     shapes: dict[str, tuple[int, ...]] = {}
 
     hv, iv, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
@@ -333,7 +338,7 @@ def _weight_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _init_weights(seed: int) -> dict:
+def _init_weights(seed: int, vision: dict | None = None) -> dict:
     """bf16 tensors: N(0, 1/fan_in) matrices, ones for norms, zeros for biases.
 
     Each tensor has its own generator seeded from (seed, name), so a tensor's values do
@@ -342,7 +347,7 @@ def _init_weights(seed: int) -> dict:
     import torch
 
     tensors = {}
-    for name, shape in sorted(_weight_shapes().items()):
+    for name, shape in sorted(_weight_shapes(vision).items()):
         if len(shape) == 1:
             is_norm = "norm" in name and name.endswith(".weight")
             tensors[name] = (torch.ones if is_norm else torch.zeros)(shape, dtype=torch.bfloat16)
@@ -367,7 +372,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def make_tiny_model(out_dir: str, seed: int = 0) -> dict:
+def make_tiny_model(out_dir: str, seed: int = 0, vision: dict | None = None) -> dict:
     """Write the tiny model into ``out_dir`` (created; must not exist or be empty).
 
     The files are built in a sibling temporary directory and moved in at the end, so a
@@ -384,11 +389,11 @@ def make_tiny_model(out_dir: str, seed: int = 0) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _build_tokenizer(tmp)
-        _write_json(tmp / "config.json", MODEL_CONFIG)
+        _write_json(tmp / "config.json", model_config(vision))
         _write_json(tmp / "generation_config.json", GENERATION_CONFIG)
         _write_json(tmp / "preprocessor_config.json", PREPROCESSOR_CONFIG)
         install_remote_code(tmp)
-        tensors = _init_weights(seed)
+        tensors = _init_weights(seed, vision)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         sha = _sha256(tmp / "model.safetensors")
         (tmp / "README.md").write_text(README.format(seed=seed, max_pos=MAX_POSITION_EMBEDDINGS, sha=sha))
