@@ -502,15 +502,16 @@ def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
     (early_b, late_b), (early_u, late_u) = halves(runs["bounded"][-1]), halves(runs["unbounded"][-1])
     idle99 = pct([r[2] for r in idle["bounded"] if r[2] is not None], 99)
     # What the budgets allow: the idle TTFT, both queue waits, and the engine's admitted requests
-    # (--max-waiting) served at capacity ahead of this one. Bounded: it does not grow with the
-    # overload's duration (the second half's p99 within 25 % of the first's), unlike unbounded.
+    # (--max-waiting) served at capacity ahead of this one. Met when every repeat's p99 is within
+    # it; the halves show whether it grows with the overload's duration (unbounded: it does).
     bound = idle99 + 2 + 2 + 8 / capacity
+    per_rep = [[r[2] for r in run if r[0] == "OK" and r[2] is not None] for run in runs["bounded"]]
     goal("under 4x overload, admitted requests' p99 TTFT bounded",
          f"bounded: p99 {pct(ttft_b, 99):.2f} s ({per_repeat('bounded', ttft99)} per repeat), first / second half "
          f"of the last repeat's arrivals {pct(early_b, 99):.2f} / {pct(late_b, 99):.2f} s (what the budgets allow: "
          f"about {bound:.1f} s = idle p99 {idle99:.2f} s + 2 s + 2 s of queue waits + 8 waiting / {capacity:.2f} "
          f"req/s); unbounded: p99 {pct(ttft_u, 99):.2f} s, halves {pct(early_u, 99):.2f} / {pct(late_u, 99):.2f} s",
-         bool(early_b) and bool(late_b) and pct(late_b, 99) <= 1.25 * pct(early_b, 99))
+         all(xs and pct(xs, 99) <= bound for xs in per_rep))
     examples = [r[3] for r in all_b if r[0] == "UNAVAILABLE"]
     out += [""] + [f"Shed answers: `{e}`" for e in sorted(set(examples), key=examples.index)[:3]] + [""]
 
