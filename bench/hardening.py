@@ -10,7 +10,8 @@ Scenarios (``--only`` picks some; each starts the tiers it needs, tiny model, CP
   against a front door with ``--max-decode-mb``: peak RSS growth against the budget, outcomes.
 * ``overload``: both tiers; chats with a photo at 4x the measured capacity (Poisson arrivals):
   how fast shed requests are answered, and the TTFT of admitted ones, beside idle TTFT, with
-  budgets that bind and, on the same arrival schedule, with budgets too large to.
+  budgets that bind and, on the same arrival schedule, with budgets too large to (both
+  configurations up at once, repeats interleaved).
 
 usage: python bench/hardening.py [--only text,abandoned,bombs,overload] [--out FILE.md]
 Run it on an otherwise idle machine; every figure is a measurement of this run. The report opens
@@ -65,14 +66,15 @@ def front_door(extra: list[str], inference: str | None = None) -> TierProcess:
     return tier
 
 
-def inference_tier(extra: list[str]) -> TierProcess:
+def inference_tier(extra: list[str], wait: bool = True) -> TierProcess:
     LOGS.mkdir(exist_ok=True)
     port = free_port()
     tier = TierProcess("inference", ["--model", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
                                      "--metrics-port", "0", "--device", "cpu", "--enforce-eager", "--max-model-len",
                                      "8192", "--max-num-batched-tokens", "8192", "--limit-mm-per-prompt", "8",
                                      "--no-prefix-caching", *extra], port, env=ENV, log=LOGS / f"inference-{port}.log")
-    tier.wait_serving(600)
+    if wait:
+        tier.wait_serving(600)
     return tier
 
 
@@ -194,18 +196,27 @@ def scenario_abandoned(out: list[str]) -> None:
                          ("text limit raised to 100M characters (tokenized, then abandoned)",
                           ["--max-text-chars", "100000000"])):
         door = front_door(extra)
+        raw = preprocess_pb2.PreprocessRequest(conversation=conv(text)).SerializeToString()
         try:
             with grpc.insecure_channel(door.target, options=OPTS) as ch:
-                call = ch.unary_unary("/kimivl.v1.PreprocessService/Preprocess",
-                                      request_serializer=preprocess_pb2.PreprocessRequest.SerializeToString,
+                call = ch.unary_unary("/kimivl.v1.PreprocessService/Preprocess", request_serializer=None,
                                       response_deserializer=preprocess_pb2.PreprocessResponse.FromString)
-                call(preprocess_pb2.PreprocessRequest(conversation=conv("warm up")), timeout=60)
+                call(preprocess_pb2.PreprocessRequest(conversation=conv("warm up")).SerializeToString(), timeout=60)
                 base = settle_rss(door.proc.pid, 2.0)
                 with Sampler(door.proc.pid, 0.01) as s:
                     t0 = time.perf_counter()
+                    fut = call.future(raw, timeout=120)
+                    # The client leaves 1 s after the server has the request (its RSS has grown by the
+                    # text), or when it is answered: on a loaded machine the upload alone can take seconds.
+                    while not fut.done() and rss(door.proc.pid) - base < 100 * MiB and time.perf_counter() - t0 < 30:
+                        time.sleep(0.01)
+                    arrived = time.perf_counter()
                     try:
-                        call(preprocess_pb2.PreprocessRequest(conversation=conv(text)), timeout=1.0)
+                        fut.result(timeout=1.0)
                         code = "OK"
+                    except grpc.FutureTimeoutError:
+                        fut.cancel()
+                        code = "CANCELLED (by the client, 1 s after the request arrived)"
                     except grpc.RpcError as e:
                         code = e.code().name
                     left = time.perf_counter()
@@ -216,7 +227,8 @@ def scenario_abandoned(out: list[str]) -> None:
                 back_text = f"{back:.2f} s" if back is not None else "more than 6 s"
                 cpu_after = s.cpu_between(left + 1.0, left + 5.0)
                 backs.append((label.split(" (")[0], back))
-                out += [f"**{label}**: answer {code} after {(left - t0) * 1e3:.0f} ms; peak RSS growth {peak:.0f} MiB; "
+                out += [f"**{label}**: the request arrived after {(arrived - t0) * 1e3:.0f} ms; {code} "
+                        f"{(left - arrived) * 1e3:.0f} ms later; peak RSS growth {peak:.0f} MiB; "
                         f"growth 1 s / 2 s / 5 s after the client left: {at[1]:.0f} / {at[2]:.0f} / {at[5]:.0f} MiB; "
                         f"back within 50 MiB of the baseline after "
                         f"{back_text}; front-door CPU from 1 s to 5 s "
@@ -316,73 +328,107 @@ async def _chat(stub_call, req) -> tuple[str, float, float | None, str, float]:
 
 BOUNDED = (["--max-waiting", "8", "--max-queued", "8", "--max-queue-wait-s", "2"], ["--max-queue-wait-s", "2"])
 UNBOUNDED = (["--max-waiting", "100000", "--max-queued", "0"], ["--max-preparing", "100000", "--max-queued", "0"])
+REPEATS = 2
 
 
-def _overload_run(inf_extra, door_extra, rate: float | None, seconds: float):
-    """Start both tiers, measure idle TTFT (and capacity when ``rate`` is None), then offer Poisson
-    arrivals at ``rate`` (or 4x the capacity) for ``seconds``."""
-    inf = inference_tier(inf_extra)
-    door = None
+def _chat_request(images, i):
+    return chat_pb2.ChatRequest(conversation=conv("Describe the picture.", types_pb2.Image(data=images[i % 16])),
+                                sampling=types_pb2.SamplingParameters(temperature=0.0, max_tokens=8, ignore_eos=True))
+
+
+LAGS: dict[str, list[float]] = {}  # per configuration: this client's own event-loop lag in each run
+
+
+async def _offer(call, images, rate: float, seconds: float, seed: int, lags: list[float]):
+    """Poisson arrivals at ``rate`` for ``seconds`` (the same schedule for a given seed); every answer.
+    ``lags`` gets how late this process's own event loop woke up (10 ms ticks) meanwhile: a
+    latency measured here includes it, so a starved client is told from a slow server."""
+    rng = random.Random(seed)
+    tasks = []
+    t_end = time.perf_counter() + seconds
+
+    async def tick():
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - t - 0.01)
+
+    ticker = asyncio.create_task(tick())
     try:
-        door = front_door(door_extra, inference=inf.target)
+        while time.perf_counter() < t_end:
+            tasks.append(asyncio.create_task(_chat(call, _chat_request(images, len(tasks)))))
+            await asyncio.sleep(rng.expovariate(rate))
+        return await asyncio.gather(*tasks)
+    finally:
+        ticker.cancel()
+
+
+def _overload_runs(seconds: float):
+    """Both configurations up at once (the idle one costs little CPU); idle TTFT of each; the
+    capacity of the unbounded one flooded; then the same 4x schedule offered to each in turn,
+    REPEATS times, the order alternating, so that both see the same machine."""
+    tiers = {"unbounded": [inference_tier(UNBOUNDED[0], wait=False)], "bounded": [inference_tier(BOUNDED[0], wait=False)]}
+    try:
+        for name, (inf,) in list(tiers.items()):
+            inf.wait_serving(900)
+            tiers[name].append(front_door((UNBOUNDED if name == "unbounded" else BOUNDED)[1], inference=inf.target))
         images = [photo_jpeg(i) for i in range(16)]
 
-        def request(i):
-            return chat_pb2.ChatRequest(conversation=conv("Describe the picture.", types_pb2.Image(data=images[i % 16])),
-                                        sampling=types_pb2.SamplingParameters(temperature=0.0, max_tokens=8,
-                                                                              ignore_eos=True))
-
         async def run():
-            async with grpc.aio.insecure_channel(door.target, options=OPTS) as ch:
-                call = ch.unary_stream("/kimivl.v1.ChatService/Chat",
-                                       request_serializer=chat_pb2.ChatRequest.SerializeToString,
-                                       response_deserializer=chat_pb2.ChatResponse.FromString)
-                for i in range(3):
-                    await _chat(call, request(i))  # warm up
-                idle = [await _chat(call, request(i)) for i in range(8)]
-                capacity = None
-                offered = rate
-                if offered is None:  # the saturated throughput: a 15 s flood at 30 req/s, served / time to serve it
-                    t0 = time.perf_counter()
-                    flood = []
-                    while time.perf_counter() < t0 + 15:
-                        flood.append(asyncio.create_task(_chat(call, request(len(flood)))))
-                        await asyncio.sleep(1 / 30)
-                    served = [r for r in await asyncio.gather(*flood) if r[0] == "OK"]
-                    capacity = max(len(served), 1) / (time.perf_counter() - t0)
-                    offered = 4 * capacity
-                rng = random.Random(0)
-                tasks = []
-                t_end = time.perf_counter() + seconds
-                i = 0
-                while time.perf_counter() < t_end:
-                    tasks.append(asyncio.create_task(_chat(call, request(i))))
-                    i += 1
-                    await asyncio.sleep(rng.expovariate(offered))
-                return idle, capacity, offered, await asyncio.gather(*tasks)
+            channels = {name: grpc.aio.insecure_channel(door.target, options=OPTS) for name, (_, door) in tiers.items()}
+            calls = {name: ch.unary_stream("/kimivl.v1.ChatService/Chat",
+                                           request_serializer=chat_pb2.ChatRequest.SerializeToString,
+                                           response_deserializer=chat_pb2.ChatResponse.FromString)
+                     for name, ch in channels.items()}
+            try:
+                idle = {}
+                for name, call in calls.items():
+                    for i in range(3):
+                        await _chat(call, _chat_request(images, i))  # warm up
+                    idle[name] = [await _chat(call, _chat_request(images, i)) for i in range(8)]
+                # The saturated throughput: a 10 s flood at 20 req/s, served over the time to serve it.
+                t0 = time.perf_counter()
+                flood = []
+                while time.perf_counter() < t0 + 10:
+                    flood.append(asyncio.create_task(_chat(calls["unbounded"], _chat_request(images, len(flood)))))
+                    await asyncio.sleep(1 / 20)
+                served = [r for r in await asyncio.gather(*flood) if r[0] == "OK"]
+                capacity = max(len(served), 1) / (time.perf_counter() - t0)
+                runs = {name: [] for name in calls}
+                loads = {name: [] for name in calls}
+                for rep in range(REPEATS):
+                    order = ["bounded", "unbounded"] if rep % 2 == 0 else ["unbounded", "bounded"]
+                    for name in order:
+                        loads[name].append(os.getloadavg()[0])
+                        LAGS.setdefault(name, []).append([])
+                        runs[name].append(await _offer(calls[name], images, 4 * capacity, seconds, seed=rep,
+                                                       lags=LAGS[name][-1]))
+                return idle, capacity, runs, loads
+            finally:
+                for ch in channels.values():
+                    await ch.close()
 
         return asyncio.run(run())
     finally:
-        if door:
-            door.stop()
-        inf.stop()
+        for parts in tiers.values():
+            for tier in reversed(parts):
+                tier.stop()
 
 
 def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
     """The engine's capacity measured without limits; then 4x that offered to both configurations."""
-    load_u = os.getloadavg()[0]
-    idle_u, capacity, rate, results_u = _overload_run(*UNBOUNDED, None, seconds)
-    load_b = os.getloadavg()[0]
-    idle_b, _, _, results_b = _overload_run(*BOUNDED, rate, seconds)
+    idle, capacity, runs, loads = _overload_runs(seconds)
+    rate = 4 * capacity
     out += ["## 4x overload", "",
             "Both tiers (tiny model, CPU engine). Chats with a 448x336 photo, 8 tokens out, greedy, no client "
-            f"retries. Capacity: {capacity:.2f} req/s, the throughput of the unbounded configuration flooded (30 req/s "
-            "offered for 15 s, served over the time to serve them all); "
-            f"then Poisson arrivals at {rate:.2f} req/s (4x) for {seconds:g} s to each configuration, the same "
-            f"schedule: **bounded** (inference tier `{' '.join(BOUNDED[0])}`, front door `{' '.join(BOUNDED[1])}` "
-            f"and its defaults) and **unbounded** (`{' '.join(UNBOUNDED[0])}`; front door `{' '.join(UNBOUNDED[1])}`). "
-            f"The unbounded run came first (load average {load_u:.1f} at its start), then the bounded one "
-            f"({load_b:.1f}); other jobs on a shared machine move the figures between them (see idle TTFT).",
+            f"retries. Two configurations, both started at once: **bounded** (inference tier `{' '.join(BOUNDED[0])}`, "
+            f"front door `{' '.join(BOUNDED[1])}` and its defaults) and **unbounded** (inference tier "
+            f"`{' '.join(UNBOUNDED[0])}`; front door `{' '.join(UNBOUNDED[1])}`). Capacity: {capacity:.2f} req/s, the "
+            "throughput of the unbounded one flooded (20 req/s offered for 10 s, served over the time to serve them "
+            f"all). Then Poisson arrivals at {rate:.2f} req/s (4x) for {seconds:g} s, the same schedule for both, "
+            f"{REPEATS} repeats, the order alternating (bounded first, then unbounded first); load average at the "
+            f"start of each: bounded {', '.join(f'{x:.1f}' for x in loads['bounded'])}, unbounded "
+            f"{', '.join(f'{x:.1f}' for x in loads['unbounded'])} (a shared machine: other jobs move the figures).",
             "", "| | bounded | unbounded |", "|---|---|---|"]
 
     def halves(results):
@@ -401,51 +447,73 @@ def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
         at_once = [r for r in shed if r not in window and r not in front and r not in waited]
         return window, front, at_once, waited
 
-    def rows(idle, results):
+    def per_repeat(name, f):
+        return " / ".join(f(r) for r in runs[name])
+
+    def ttft99(results):
+        xs = [r[2] for r in results if r[0] == "OK" and r[2] is not None]
+        return f"{pct(xs, 99):.2f} s" if xs else "-"
+
+    def shed99(results):
+        w, f, a, _ = kinds(results)
+        xs = [r[1] for r in w + f + a]
+        return f"{pct(xs, 99) * 1e3:.0f} ms" if xs else "-"
+
+    def rows(name):
+        results = [r for run in runs[name] for r in run]
         served = [r for r in results if r[0] == "OK"]
-        wall = max(r[4] + r[1] for r in results) - min(r[4] for r in results)
-        early, late = halves(results)
+        walls = [max(r[4] + r[1] for r in run) - min(r[4] for r in run) for run in runs[name]]
+        early, late = halves(runs[name][-1])
         window, front, relayed, waited = kinds(results)
         other = [r for r in results if r[0] not in ("OK", "UNAVAILABLE")]
         return {
-            "requests offered": str(len(results)),
-            "idle TTFT, one at a time": fmt_ms([r[2] for r in idle if r[2] is not None]),
+            "requests offered (all repeats)": str(len(results)),
+            "idle TTFT, one at a time": fmt_ms([r[2] for r in idle[name] if r[2] is not None]),
             "admitted: TTFT": fmt_ms([r[2] for r in served if r[2] is not None]),
-            "admitted: TTFT p99, arrived in the first / second half": f"{pct(early, 99):.2f} s / {pct(late, 99):.2f} s",
-            "served req/s (first arrival to last answer)": f"{len(served) / wall:.2f} ({len(served)} in {wall:.0f} s)",
+            "admitted: TTFT p99 per repeat": per_repeat(name, ttft99),
+            "admitted: TTFT p99, arrived in the first / second half (last repeat)":
+                f"{pct(early, 99):.2f} s / {pct(late, 99):.2f} s",
+            "served req/s (first arrival to last answer), per repeat": " / ".join(
+                f"{sum(r[0] == 'OK' for r in run) / w:.2f}" for run, w in zip(runs[name], walls, strict=True)),
             "shed at once by the front door (the tier shed the last one): answer in": fmt_ms([r[1] for r in window]),
             "shed by the front door's own budget: answer in": fmt_ms([r[1] for r in front]),
             "shed by the inference tier at once (queue full), relayed: answer in": fmt_ms([r[1] for r in relayed]),
+            "shed at once, any of the above: p99 per repeat": per_repeat(name, shed99),
             "refused by the inference tier after a whole queue wait, relayed: answer in": fmt_ms([r[1] for r in waited]),
             "other errors": f"{len(other)} {sorted({r[0] for r in other})}" if other else "0",
+            "this client's own event-loop lag, p99 / max per repeat": " / ".join(
+                f"{pct(xs, 99) * 1e3:.0f}/{max(xs) * 1e3:.0f} ms" for xs in LAGS[name]),
         }
 
-    b, u = rows(idle_b, results_b), rows(idle_u, results_u)
+    b, u = rows("bounded"), rows("unbounded")
     out += [f"| {k} | {b[k]} | {u[k]} |" for k in b]
-    window, front, relayed, waited = kinds(results_b)
+    all_b = [r for run in runs["bounded"] for r in run]
+    all_u = [r for run in runs["unbounded"] for r in run]
+    window, front, relayed, waited = kinds(all_b)
     at_once = [r[1] for r in window + front + relayed]
     goal("under 4x overload, shed requests answered in < 100 ms",
-         f"bounded: the {len(at_once)} shed at once: p99 {pct(at_once, 99) * 1e3:.0f} ms, p50 "
+         f"bounded, {REPEATS} repeats: the {len(at_once)} shed at once: p99 {pct(at_once, 99) * 1e3:.0f} ms, p50 "
          f"{pct(at_once, 50) * 1e3:.0f} ms ({len(window) + len(front)} by the front door before any work, "
          f"{len(relayed)} by the inference tier); besides, {len(waited)} waited their whole turn in the inference "
          f"tier's queue (2 s) before it refused them: p99 {pct([r[1] for r in waited], 99):.2f} s",
          bool(at_once) and pct(at_once, 99) < 0.1)
-    ttft_b = [r[2] for r in results_b if r[0] == "OK" and r[2] is not None]
-    ttft_u = [r[2] for r in results_u if r[0] == "OK" and r[2] is not None]
-    (early_b, late_b), (early_u, late_u) = halves(results_b), halves(results_u)
-    idle99 = pct([r[2] for r in idle_b if r[2] is not None], 99)
+    ttft_b = [r[2] for r in all_b if r[0] == "OK" and r[2] is not None]
+    ttft_u = [r[2] for r in all_u if r[0] == "OK" and r[2] is not None]
+    (early_b, late_b), (early_u, late_u) = halves(runs["bounded"][-1]), halves(runs["unbounded"][-1])
+    idle99 = pct([r[2] for r in idle["bounded"] if r[2] is not None], 99)
     # What the budgets allow: the idle TTFT, both queue waits, and the engine's admitted requests
-    # (--max-waiting) served at capacity ahead of this one. Bounded: it does not grow with the
-    # overload's duration (the second half's p99 within 25 % of the first's), unlike unbounded.
+    # (--max-waiting) served at capacity ahead of this one. Met when every repeat's p99 is within
+    # it; the halves show whether it grows with the overload's duration (unbounded: it does).
     bound = idle99 + 2 + 2 + 8 / capacity
+    per_rep = [[r[2] for r in run if r[0] == "OK" and r[2] is not None] for run in runs["bounded"]]
     goal("under 4x overload, admitted requests' p99 TTFT bounded",
-         f"bounded: p99 {pct(ttft_b, 99):.2f} s, first / second half of the arrivals {pct(early_b, 99):.2f} / "
-         f"{pct(late_b, 99):.2f} s (what the budgets allow: about {bound:.1f} s = idle p99 {idle99:.2f} s + 2 s + 2 s "
-         f"of queue waits + 8 waiting / {capacity:.2f} req/s); unbounded: p99 {pct(ttft_u, 99):.2f} s, halves "
-         f"{pct(early_u, 99):.2f} / {pct(late_u, 99):.2f} s",
-         bool(early_b) and bool(late_b) and pct(late_b, 99) <= 1.25 * pct(early_b, 99))
-    examples = [r[3] for r in results_b if r[0] == "UNAVAILABLE"]
-    out += [""] + [f"Shed answers: `{e}`" for e in sorted(set(examples), key=examples.index)[:2]] + [""]
+         f"bounded: p99 {pct(ttft_b, 99):.2f} s ({per_repeat('bounded', ttft99)} per repeat), first / second half "
+         f"of the last repeat's arrivals {pct(early_b, 99):.2f} / {pct(late_b, 99):.2f} s (what the budgets allow: "
+         f"about {bound:.1f} s = idle p99 {idle99:.2f} s + 2 s + 2 s of queue waits + 8 waiting / {capacity:.2f} "
+         f"req/s); unbounded: p99 {pct(ttft_u, 99):.2f} s, halves {pct(early_u, 99):.2f} / {pct(late_u, 99):.2f} s",
+         all(xs and pct(xs, 99) <= bound for xs in per_rep))
+    examples = [r[3] for r in all_b if r[0] == "UNAVAILABLE"]
+    out += [""] + [f"Shed answers: `{e}`" for e in sorted(set(examples), key=examples.index)[:3]] + [""]
 
 
 SCENARIOS = {"text": scenario_text, "abandoned": scenario_abandoned, "bombs": scenario_bombs,
