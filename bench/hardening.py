@@ -477,7 +477,7 @@ def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
                 f"{sum(r[0] == 'OK' for r in run) / w:.2f}" for run, w in zip(runs[name], walls, strict=True)),
             "shed at once by the front door (the tier shed the last one): answer in": fmt_ms([r[1] for r in window]),
             "shed by the front door's own budget: answer in": fmt_ms([r[1] for r in front]),
-            "shed by the inference tier at once (queue full), relayed: answer in": fmt_ms([r[1] for r in relayed]),
+            "shed by the inference tier on arrival (queue full, or the wait ahead too long), relayed: answer in": fmt_ms([r[1] for r in relayed]),
             "shed at once, any of the above: p99 per repeat": per_repeat(name, shed99),
             "refused by the inference tier after a whole queue wait, relayed: answer in": fmt_ms([r[1] for r in waited]),
             "other errors": f"{len(other)} {sorted({r[0] for r in other})}" if other else "0",
@@ -491,12 +491,14 @@ def scenario_overload(out: list[str], seconds: float = 30.0) -> None:
     all_u = [r for run in runs["unbounded"] for r in run]
     window, front, relayed, waited = kinds(all_b)
     at_once = [r[1] for r in window + front + relayed]
+    every = at_once + [r[1] for r in waited]
     goal("under 4x overload, shed requests answered in < 100 ms",
-         f"bounded, {REPEATS} repeats: the {len(at_once)} shed at once: p99 {pct(at_once, 99) * 1e3:.0f} ms, p50 "
-         f"{pct(at_once, 50) * 1e3:.0f} ms ({len(window) + len(front)} by the front door before any work, "
-         f"{len(relayed)} by the inference tier); besides, {len(waited)} waited their whole turn in the inference "
-         f"tier's queue (2 s) before it refused them: p99 {pct([r[1] for r in waited], 99):.2f} s",
-         bool(at_once) and pct(at_once, 99) < 0.1)
+         f"bounded, {REPEATS} repeats: all {len(every)} shed: p99 {pct(every, 99) * 1e3:.0f} ms, p50 "
+         f"{pct(every, 50) * 1e3:.0f} ms; {len(window) + len(front)} by the front door before any work, "
+         f"{len(relayed)} by the inference tier on arrival (queue full or the wait ahead past its 2 s limit), "
+         f"{len(waited)} by it after waiting their whole turn (a wait predicted too short)"
+         + (f": p99 {pct([r[1] for r in waited], 99):.2f} s" if waited else ""),
+         bool(every) and pct(every, 99) < 0.1)
     ttft_b = [r[2] for r in all_b if r[0] == "OK" and r[2] is not None]
     ttft_u = [r[2] for r in all_u if r[0] == "OK" and r[2] is not None]
     (early_b, late_b), (early_u, late_u) = halves(runs["bounded"][-1]), halves(runs["unbounded"][-1])

@@ -321,3 +321,48 @@ async def test_a_request_that_waited_its_turn_is_not_retried():
     assert dict(e.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
     s = client_status(e.value, target)  # the client still gets the hint
     assert s.details.endswith("retry after 0.7 s") and dict(s.trailing_metadata)["retry-after-ms"] == "700"
+
+
+async def test_a_request_that_would_wait_too_long_is_shed_on_arrival():
+    """Once releases show the pace (two holders, each held ~0.2 s: a release every ~0.1 s), the
+    fourth waiter would wait ~0.4 s > the 0.36 s limit: refused at once, not after 0.36 s; a
+    client's deadline shorter than the wait is refused at once too."""
+    from kimivl_hosting.budget import PREDICT_AFTER_RELEASES
+
+    b = _budget(capacity=2, queue=10, wait=0.36, name="predict")
+    for _ in range(PREDICT_AFTER_RELEASES):
+        permits = [await b.acquire(), await b.acquire()]
+        await asyncio.sleep(0.2)
+        for p in permits:
+            p.release()
+    held = [await b.acquire(), await b.acquire()]
+    waiters = [asyncio.create_task(b.acquire()) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert b.queued == 2 and 0.29 < b.expected_wait_s() < 0.36  # the third waiter: ~0.3 s
+    shed_before = SHED.labels("predict", "expected_wait")._value.get()
+    waiters.append(asyncio.create_task(b.acquire()))  # ~0.3 s: still within the limit
+    await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    with pytest.raises(Overloaded) as e:
+        await b.acquire()  # ~0.4 s ahead
+    assert time.perf_counter() - t0 < 0.05
+    assert "the wait ahead is about 0.4 s (the limit is 0.36 s)" in str(e.value)
+    assert 0.36 < e.value.retry_after_s < 0.6
+    with pytest.raises(Overloaded, match=r"the limit is 0\.05 s, the request's deadline"):
+        await b.acquire(deadline_s=0.05)
+    assert SHED.labels("predict", "expected_wait")._value.get() == shed_before + 2
+    for p in held:
+        p.release()
+    for w in waiters:
+        (await w).release()
+    assert b.used == 0 and b.queued == 0
+
+
+async def test_no_prediction_before_releases_show_the_pace():
+    """A fresh budget has no hold times to go by: a newcomer waits (and may be admitted)."""
+    b = _budget(capacity=1, queue=2, wait=0.5, name="fresh")
+    held = await b.acquire()
+    waiter = asyncio.create_task(b.acquire())
+    await asyncio.sleep(0.05)
+    held.release()
+    (await waiter).release()

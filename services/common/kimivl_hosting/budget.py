@@ -7,6 +7,12 @@ that does not fit waits in arrival order, at most ``max_queue`` of them and each
 answer to a refused request fast, and the queue bound keeps the latency of admitted ones bounded
 (at most ``max_wait_s`` more than an idle tier's).
 
+A request that would wait longer than it may is shed on arrival, not after waiting: once a few
+holds have been released, the wait ahead of a newcomer is predicted as the queue's length times
+the time between releases (Little's law over the recent hold times); past ``max_wait_s``, or
+past the caller's remaining deadline, it is refused at once (``reason=expected_wait``). The
+timeout stays for a prediction that was too hopeful.
+
 A request asking for more than the whole capacity is admitted alone (its amount is counted as
 the capacity): the per-request limits, not the budget, decide whether it is too big.
 
@@ -14,7 +20,7 @@ The retry hint is the time the queue ahead would take to drain at the rate holds
 released lately (a moving average of hold times), between 50 ms and 30 s.
 
 Metrics, labelled by budget name: ``kimivl_admission_in_use``, ``kimivl_admission_capacity``,
-``kimivl_admission_queued``, ``kimivl_admission_shed_total{reason=queue_full|timeout}``,
+``kimivl_admission_queued``, ``kimivl_admission_shed_total{reason=queue_full|expected_wait|timeout}``,
 ``kimivl_admission_wait_seconds``.
 """
 from __future__ import annotations
@@ -36,6 +42,8 @@ WAIT = Histogram("kimivl_admission_wait_seconds", "Time admitted requests waited
                  buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 
 MIN_HINT_S, MAX_HINT_S = 0.05, 30.0
+# Releases observed before the wait is predicted (before that the hold-time average is a guess).
+PREDICT_AFTER_RELEASES = 8
 
 
 class Permit:
@@ -75,6 +83,7 @@ class Budget:
         self.holders = 0
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
         self._hold_s = 1.0  # moving average of hold times, seconds
+        self._released = 0
         CAPACITY.labels(name).set(capacity)
         IN_USE.labels(name).set(0)
         QUEUED.labels(name).set(0)
@@ -83,16 +92,20 @@ class Budget:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def expected_wait_s(self) -> float:
+        """The wait ahead of a request queued now: one release per waiter ahead and itself."""
+        return (self.queued + 1) * self._hold_s / max(1, self.holders)
+
     def retry_after_s(self) -> float:
         """About when a request refused now would be admitted."""
         if self.capacity == 0:
             return MIN_HINT_S
-        ahead = self.queued + 1
-        per_release = self._hold_s / max(1, self.holders)
-        return min(MAX_HINT_S, max(MIN_HINT_S, ahead * per_release))
+        return min(MAX_HINT_S, max(MIN_HINT_S, self.expected_wait_s()))
 
-    async def acquire(self, amount: int = 1) -> Permit:
-        """A permit for ``amount`` units, waiting in turn; Overloaded when the queue is full or the wait too long."""
+    async def acquire(self, amount: int = 1, *, deadline_s: float | None = None) -> Permit:
+        """A permit for ``amount`` units, waiting in turn; Overloaded when the queue is full, the
+        predicted wait is longer than ``max_wait_s`` or ``deadline_s`` (the caller's time left),
+        or the wait turns out too long."""
         if self.capacity == 0:
             return Permit(self, 0)
         amount = min(max(int(amount), 0), self.capacity)
@@ -101,12 +114,15 @@ class Budget:
             return Permit(self, amount)
         if len(self._waiters) >= self.max_queue or self.max_wait_s == 0:
             self._shed("queue_full")
+        limit_s = self.max_wait_s if deadline_s is None else max(0.0, min(self.max_wait_s, deadline_s))
+        if self._released >= PREDICT_AFTER_RELEASES and self.expected_wait_s() > limit_s:
+            self._shed("expected_wait", limit_s=limit_s)
         t0 = time.monotonic()
         waiter = (amount, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         QUEUED.labels(self.name).set(len(self._waiters))
         try:
-            await asyncio.wait_for(asyncio.shield(waiter[1]), self.max_wait_s)
+            await asyncio.wait_for(asyncio.shield(waiter[1]), limit_s)
         except BaseException as e:
             granted = waiter[1].done() and not waiter[1].cancelled()
             if granted:  # admitted in the same instant: give it back
@@ -120,14 +136,14 @@ class Budget:
                 QUEUED.labels(self.name).set(len(self._waiters))
                 self._wake()  # a large waiter leaving may let smaller ones behind it in
             if isinstance(e, asyncio.TimeoutError):
-                self._shed("timeout", waited_s=time.monotonic() - t0)
+                self._shed("timeout", waited_s=time.monotonic() - t0, limit_s=limit_s)
             raise
         WAIT.labels(self.name).observe(time.monotonic() - t0)
         return Permit(self, amount)
 
     @asynccontextmanager
-    async def hold(self, amount: int = 1):
-        permit = await self.acquire(amount)
+    async def hold(self, amount: int = 1, *, deadline_s: float | None = None):
+        permit = await self.acquire(amount, deadline_s=deadline_s)
         try:
             yield permit
         finally:
@@ -143,6 +159,7 @@ class Budget:
         self.holders -= 1
         if held_s > 0:
             self._hold_s += 0.2 * (held_s - self._hold_s)
+            self._released += 1
         IN_USE.labels(self.name).set(self.used)
         self._wake()
 
@@ -159,10 +176,16 @@ class Budget:
             fut.set_result(None)
         QUEUED.labels(self.name).set(len(self._waiters))
 
-    def _shed(self, reason: str, waited_s: float | None = None):
+    def _shed(self, reason: str, waited_s: float | None = None, limit_s: float | None = None):
         SHED.labels(self.name, reason).inc()
         state = f"{self.used} of {self.capacity} {self.unit}, {self.queued} waiting"
-        why = (f"waited {waited_s:.1f} s (the limit is {self.max_wait_s:g} s)" if reason == "timeout"
-               else f"its queue is full ({self.max_queue})")
+        limit_s = self.max_wait_s if limit_s is None else limit_s
+        limit = f"the limit is {limit_s:g} s" + ("" if limit_s == self.max_wait_s else ", the request's deadline")
+        if reason == "timeout":
+            why = f"waited {waited_s:.1f} s ({limit})"
+        elif reason == "expected_wait":
+            why = f"the wait ahead is about {self.expected_wait_s():.1f} s ({limit})"
+        else:
+            why = f"its queue is full ({self.max_queue})"
         raise Overloaded(f"{self.describe} is at capacity ({state}) and {why}", retry_after_s=self.retry_after_s(),
                          waited=reason == "timeout")

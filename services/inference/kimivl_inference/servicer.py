@@ -108,7 +108,8 @@ class InferenceServicer:
             itemsize = getattr(self.model_dtype, "itemsize", 2)
             with tracing.child("admission", span):
                 held.append(await self.budgets.tensors.acquire(tensor_bytes(request.prompt, itemsize)))
-                waiting = await self.budgets.waiting.acquire()
+                # A client whose deadline ends before its turn is refused now, not at the deadline.
+                waiting = await self.budgets.waiting.acquire(deadline_s=context.time_remaining())
                 held.append(waiting)
             # Headers now, not with the first token: the front door's upload gate takes them as
             # "received". Not before the UNAVAILABLEs above: headers commit the call, and gRPC
