@@ -84,11 +84,12 @@ bench-preprocess: install-base
 # probed over loopback with this venv's clients (scripts/image_check.sh; apt-gets buildah,
 # podman and debootstrap when missing, so run as root). Sizes and times: docs/kubernetes.md.
 .PHONY: image-preprocess image-inference images
-image-preprocess: install $(MODEL)/config.json
-	MODEL=$(MODEL) PY=$(BIN)/python bash scripts/image_check.sh preprocess
+# The image checks serve the tiny random model (made here: a fresh clone has no model yet).
+image-preprocess: install $(TINY_MODEL)/.made
+	MODEL=$(TINY_MODEL) PY=$(BIN)/python bash scripts/image_check.sh preprocess
 
-image-inference: install $(MODEL)/config.json
-	MODEL=$(MODEL) PY=$(BIN)/python bash scripts/image_check.sh inference
+image-inference: install $(TINY_MODEL)/.made
+	MODEL=$(TINY_MODEL) PY=$(BIN)/python bash scripts/image_check.sh inference
 
 images: image-preprocess image-inference
 
