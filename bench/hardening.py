@@ -13,7 +13,7 @@ Scenarios (``--only`` picks some; each starts the tiers it needs, tiny model, CP
   budgets that bind and, on the same arrival schedule, with budgets too large to (both
   configurations up at once, repeats interleaved).
 
-usage: python bench/hardening.py [--only text,abandoned,bombs,overload] [--out FILE.md]
+usage: python bench/hardening.py [--only text,abandoned,bombs,overload] [--out FILE.md] [--tier-cpus 0:1:0]
 Run it on an otherwise idle machine; every figure is a measurement of this run. The report opens
 with the issue's goals (section 2), what this run measured for each and whether it met it.
 """
@@ -55,13 +55,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# --tier-cpus: each tier (with its engine) on its own CPUs, as on separate machines; None: shared.
+TIER_CPUS: dict[str, set[int]] = {}
+
+
+def parse_cpus(text: str) -> set[int]:
+    """"0-3,6" -> {0, 1, 2, 3, 6}"""
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
 def front_door(extra: list[str], inference: str | None = None) -> TierProcess:
     LOGS.mkdir(exist_ok=True)
     port = free_port()
     tier = TierProcess("preprocess", ["--model", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
                                       "--metrics-port", "0", "--inference-target",
                                       inference or f"127.0.0.1:{free_port()}", *extra],
-                       port, env=ENV, log=LOGS / f"preprocess-{port}.log")
+                       port, env=ENV, log=LOGS / f"preprocess-{port}.log", cpus=TIER_CPUS.get("preprocess"))
     tier.wait_serving(300)
     return tier
 
@@ -72,7 +85,8 @@ def inference_tier(extra: list[str], wait: bool = True) -> TierProcess:
     tier = TierProcess("inference", ["--model", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
                                      "--metrics-port", "0", "--device", "cpu", "--enforce-eager", "--max-model-len",
                                      "8192", "--max-num-batched-tokens", "8192", "--limit-mm-per-prompt", "8",
-                                     "--no-prefix-caching", *extra], port, env=ENV, log=LOGS / f"inference-{port}.log")
+                                     "--no-prefix-caching", *extra], port, env=ENV, log=LOGS / f"inference-{port}.log",
+                       cpus=TIER_CPUS.get("inference"))
     if wait:
         tier.wait_serving(600)
     return tier
@@ -526,10 +540,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
     p.add_argument("--out", help="also write the report here")
+    p.add_argument("--repeats", type=int, default=REPEATS, help="overload: repeats per configuration, interleaved")
+    p.add_argument("--tier-cpus", metavar="PRE:INF[:CLIENT]",
+                   help="pin the front doors, the inference tiers (their engines included) and this client to these "
+                        "CPUs, e.g. 0:1:0 (the tiers apart, as on separate machines); default: all share every CPU")
     args = p.parse_args()
+    globals()["REPEATS"] = args.repeats
+    placement = "every process on every CPU"
+    if args.tier_cpus:
+        pre, inf, *client = args.tier_cpus.split(":")
+        TIER_CPUS.update(preprocess=parse_cpus(pre), inference=parse_cpus(inf))
+        if client:
+            os.sched_setaffinity(0, parse_cpus(client[0]))
+        placement = (f"front doors on CPUs {pre}, inference tiers with their engines on {inf}, this client on "
+                     f"{client[0] if client else 'any'}")
     out = [f"<!-- bench/hardening.py --only {args.only}; {time.strftime('%Y-%m-%d %H:%M')}, "
            f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, load average "
-           f"{os.getloadavg()[0]:.1f} at the start -->", ""]
+           f"{os.getloadavg()[0]:.1f} at the start; {placement} -->", ""]
     for name in args.only.split(","):
         SCENARIOS[name](out)
         print("\n".join(out), flush=True)

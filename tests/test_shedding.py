@@ -306,6 +306,44 @@ async def test_after_the_window_one_chat_probes_the_tier_while_the_others_are_st
         pool.close()
 
 
+async def test_a_chat_that_waited_for_the_front_door_is_refused_if_the_tier_began_shedding_meanwhile(tiny_model):
+    """The window is checked on arrival and again once the chat holds the front door's permit:
+    a chat queued while the tier began shedding is refused then, before any preprocessing, not
+    preprocessed to be shed by the tier."""
+    from kimivl.v1 import chat_pb2, types_pb2
+    from kimivl_contract.processor import ProcessorConfig
+    from kimivl_preprocess.admission import FrontDoorBudgets
+    from kimivl_preprocess.chat import ChatFlow
+    from kimivl_preprocess.inference_client import ShedWindow
+    from kimivl_preprocess.pipeline import Preprocessor
+    from kimivl_preprocess.pool import ImagePool
+    from kimivl_preprocess.sources import FetchPolicy, ImageFetcher
+
+    server, target, _ = await _shedding_inference_tier()
+    pool = ImagePool(ProcessorConfig.from_model_dir(str(tiny_model)), workers=1)
+    budgets = FrontDoorBudgets.from_options(max_preparing=1, max_queued=4, max_queue_wait_s=5)
+    pre = Preprocessor(str(tiny_model), pool, ImageFetcher(FetchPolicy()), max_images=8, budgets=budgets)
+    client = InferenceClient(target, 64 << 20)
+    flow = ChatFlow(pre, client, "uint8", shed_window=ShedWindow(max_s=1.0))
+    request = chat_pb2.ChatRequest(conversation=types_pb2.Conversation(messages=[
+        types_pb2.Message(role=types_pb2.ROLE_USER, content=[types_pb2.ContentPart(text="hello")])]))
+    try:
+        held = await budgets.requests.acquire()  # the front door's only slot
+        queued = asyncio.create_task(flow.prepare(request))
+        await asyncio.sleep(0.05)
+        assert budgets.requests.queued == 1  # past the window's first check, waiting
+        flow.shed_window.observe(await _failed_call(target))  # meanwhile the tier sheds a chat
+        held.release()
+        with pytest.raises(Overloaded, match="shed the last request on every replica tried"):
+            await queued
+        assert budgets.requests.used == 0 and budgets.requests.queued == 0
+    finally:
+        await client.close()
+        await server.stop(0)
+        pre.close()
+        pool.close()
+
+
 async def test_a_request_that_waited_its_turn_is_not_retried():
     """Shed after its whole queue wait, a request is answered (pushback -1): a retry would wait again."""
     server, target, attempts = await _shedding_inference_tier(waited=True)

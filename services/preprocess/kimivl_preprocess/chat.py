@@ -54,10 +54,16 @@ class ChatFlow:
         arrived_s = time.perf_counter() if arrived_s is None else arrived_s
         check_sampling(request.sampling, request.thinking)
         probe = self.shed_window.check()  # the inference tier is shedding: refuse before any work
+
+        def admitted():  # checked again after waiting for the front door's budget: the tier may have begun shedding
+            nonlocal probe
+            probe = probe or self.shed_window.check()
+
         max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
         try:
             with metrics.PREPROCESS_SECONDS.time(), tracing.child("preprocess", span) as ps:
-                prepared = await self.pre.prepare(request, self.wire_dtype, max_tokens=max_tokens, span=ps)
+                prepared = await self.pre.prepare(request, self.wire_dtype, max_tokens=max_tokens, span=ps,
+                                                  admitted=admitted)
                 tracing.set_attributes(ps, images=prepared.prompt.images)
         except BaseException:
             if probe:

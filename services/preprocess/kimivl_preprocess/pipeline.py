@@ -71,10 +71,13 @@ class Preprocessor:
         self.text_pool.shutdown(wait=wait, cancel_futures=True)
 
     async def prepare(self, request, dtype: str = "bfloat16", *, max_tokens: int | None = None,
-                      span=None) -> Prepared:
+                      span=None, admitted=None) -> Prepared:
         """``request`` is a ChatRequest or PreprocessRequest (same ``input`` oneof); ``max_tokens``:
         the generation's, checked with the prompt against the context before any image is decoded;
-        ``span`` the trace span its steps become children of (None when tracing is off)."""
+        ``span`` the trace span its steps become children of (None when tracing is off);
+        ``admitted``: called once the request holds its admission permit, before any work (it
+        may refuse the request: what changed while it waited for the permit)."""
+        admitted = admitted or (lambda: None)
         t0 = time.perf_counter()
         kind = request.WhichOneof("input")
         if kind == "conversation":
@@ -89,6 +92,7 @@ class Preprocessor:
             where = "raw_prompt.text"
         elif kind == "prepared_prompt":
             async with self.budgets.requests.hold():
+                admitted()
                 return self._take_prepared(request.prepared_prompt, t0)
         else:
             raise RequestError("input is not set; give conversation or raw_prompt")
@@ -101,6 +105,7 @@ class Preprocessor:
                                field=kind if kind == "conversation" else "raw_prompt.text", limit=self.max_text_chars)
         numpy_dtype(dtype)
         async with self.budgets.requests.hold():
+            admitted()
             cancel = CancelToken()
             try:
                 return await self._prepare(segments, kind == "raw_prompt", images, dtype, max_tokens, cancel, t0,
