@@ -183,6 +183,8 @@ def test_bad_parameters_have_the_grpc_ports_messages(sdk, front_door):
         assert body["param"] == param, body
         details = _grpc_error(front_door, ["x"], **grpc_kw)
         assert body["message"] == details.replace("sampling.max_tokens", param).replace(f"sampling.{param}", param)
+        # OpenAI's own code for a prompt plus its tokens past the context; others have none
+        assert body["code"] == ("context_length_exceeded" if "exceeds the context" in details else None), body
 
 
 @pytest.mark.parametrize("kw, param", [

@@ -158,6 +158,13 @@ def test_error_statuses_follow_the_grpc_codes():
     assert errors.from_status(grpc.StatusCode.DEADLINE_EXCEEDED, "late").status == 504
     assert errors.from_status(grpc.StatusCode.INTERNAL, "bug").status == 500
     assert errors.not_found_model("x").status == 404
+    from kimivl_contract.errors import Reason
+
+    long = errors.from_request_error(RequestError("the prompt is 9000 tokens", reason=Reason.CONTEXT_EXCEEDED))
+    assert long.status == 400 and long.body()["error"]["code"] == "context_length_exceeded"
+    upstream = errors.from_status(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is 9000 tokens",
+                                  reason=Reason.CONTEXT_EXCEEDED)  # found by the inference tier
+    assert upstream.status == 400 and upstream.body()["error"]["code"] == "context_length_exceeded"
 
 
 def _result(thinking=3, answer=4, reason=types_pb2.FINISH_REASON_LENGTH):

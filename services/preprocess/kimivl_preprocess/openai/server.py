@@ -29,7 +29,7 @@ import grpc
 from aiohttp import web
 
 from kimivl.v1 import chat_pb2
-from kimivl_contract.errors import RequestError, Unauthenticated
+from kimivl_contract.errors import RequestError, Unauthenticated, own_details
 from kimivl_contract.errors import retry_after_s as retry_hint
 from kimivl_hosting import tracing
 from kimivl_hosting.grpc_host import DRAINING
@@ -223,8 +223,9 @@ class OpenAIServer:
             return await anext(replies)
         except grpc.aio.AioRpcError as e:
             s = self.flow.upstream_status(e)  # the inference tier checks fields too (max_tokens)
+            own = own_details(s.trailing_metadata)
             raise from_status(s.code, mapped.translate(s.details), param=mapped.param(None, s.details),
-                              retry_after_s=retry_hint(s.trailing_metadata)) from None
+                              retry_after_s=retry_hint(s.trailing_metadata), reason=own and own[0]) from None
         except StopAsyncIteration:
             raise HttpError(500, "the inference tier's stream ended without a result") from None
 
