@@ -164,12 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace DIR if it exists")
     ap.add_argument("--weights", type=Path, default=WEIGHTS, help="trained tensors (default: the committed ones)")
     a = ap.parse_args(argv)
+    from .tiny_model import clear_output_dir
+
     out = Path(a.dir)
-    if out.exists() and any(out.iterdir()):
-        if not a.force:
-            print(f"error: {out} exists and is not empty (use --force to replace it)", file=sys.stderr)
-            return 1
-        shutil.rmtree(out)
+    if not clear_output_dir(out, a.force):
+        return 1
     print(json.dumps(make_demo_model(str(out), a.weights), indent=2))
     return 0
 

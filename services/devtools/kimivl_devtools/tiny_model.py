@@ -426,13 +426,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace DIR if it exists")
     args = parser.parse_args(argv)
     out = Path(args.dir)
-    if out.exists() and any(out.iterdir()):
-        if not args.force:
-            print(f"error: {out} exists and is not empty (use --force to replace it)", file=sys.stderr)
-            return 1
-        shutil.rmtree(out)
+    if not clear_output_dir(out, args.force):
+        return 1
     print(json.dumps(make_tiny_model(str(out), seed=args.seed), indent=2))
     return 0
+
+
+def clear_output_dir(out: Path, force: bool) -> bool:
+    """A model writer's CLI: False (with the error printed) when ``out`` holds files and ``force``
+    is not given; with ``force`` they are removed."""
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            print(f"error: {out} exists and is not empty (use --force to replace it)", file=sys.stderr)
+            return False
+        shutil.rmtree(out)
+    return True
 
 
 if __name__ == "__main__":
