@@ -187,6 +187,24 @@ def test_bad_parameters_have_the_grpc_ports_messages(sdk, front_door):
         assert body["code"] == ("context_length_exceeded" if "exceeds the context" in details else None), body
 
 
+def test_a_context_refusal_by_the_inference_tier_has_openais_code(inference_server):
+    """A front door that believes in a longer context (16384) than the tier serves (8192): the
+    inference tier refuses max_completion_tokens 9000 (CONTEXT_EXCEEDED in its ErrorInfo), and the
+    HTTP answer carries OpenAI's code for it."""
+    from conftest import start_preprocess
+
+    door = start_preprocess(inference_server.target, extra=["--max-model-len", "16384"])
+    try:
+        door.wait_serving(60)
+        with openai.OpenAI(base_url=door.http + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+            e = _status_error(lambda: c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_completion_tokens=9000))
+    finally:
+        door.stop()
+    assert isinstance(e, openai.BadRequestError), e
+    assert "8192" in e.body["message"] and e.body["code"] == "context_length_exceeded", e.body
+
+
 @pytest.mark.parametrize("kw, param", [
     ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
